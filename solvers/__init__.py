@@ -1,0 +1,61 @@
+"""solvers: differentiate through an inner optimization, over pytrees, in pure JAX."""
+
+from solvers._linear import (
+    CG,
+    BiCGStab,
+    Direct,
+    GMRES,
+    LinearSolver,
+    Neumann,
+    SolveStats,
+    bicgstab,
+    cg,
+    direct,
+    estimate_inverse_max_eigenvalue,
+    gmres,
+    neumann,
+)
+
+__all__ = [
+    "CG",
+    "BiCGStab",
+    "Direct",
+    "GMRES",
+    "LinearSolver",
+    "Neumann",
+    "SolveStats",
+    "bicgstab",
+    "cg",
+    "direct",
+    "estimate_inverse_max_eigenvalue",
+    "gmres",
+    "neumann",
+]
+
+from solvers._argmin import (  # noqa: E402
+    ArgminInfo,
+    Implicit,
+    Status,
+    Truncated,
+    Unrolled,
+    argmin,
+)
+from solvers._implicit import (  # noqa: E402
+    custom_fixed_point,
+    custom_root,
+    implicit_solution,
+    root_vjp,
+)
+
+__all__ += [
+    "ArgminInfo",
+    "Implicit",
+    "Status",
+    "Truncated",
+    "Unrolled",
+    "argmin",
+    "custom_fixed_point",
+    "custom_root",
+    "implicit_solution",
+    "root_vjp",
+]

@@ -1,0 +1,477 @@
+"""Matrix-free linear solvers over pytrees for the implicit-function-theorem system ``A x = b``.
+
+Every solver is an immutable (frozen, hashable) configuration object. Calling it as
+``solve(matvec, b, init=None)`` returns ``(x, stats)`` where ``stats`` is a :class:`SolveStats`.
+``matvec`` is only ever called, never materialized (except by :class:`Direct`), so ``A`` can be a
+Hessian given as a Hessian-vector product. A solve that stops before reaching ``tol`` returns its
+best iterate (never zeros in place of an answer) and says so in ``stats.converged``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+from solvers import _tree as T
+
+PyTree = Any
+Matvec = Callable[[PyTree], PyTree]
+
+
+class SolveStats(NamedTuple):
+    """Diagnostics of one linear solve.
+
+    Attributes:
+      iterations: iterations performed (int32; one matrix-vector product each, two for BiCGSTAB).
+      residual: relative residual ``||b - A x|| / ||b||`` of the (damped) system, as tracked by the
+        iteration (``||b - A x||`` itself when ``b = 0``).
+      converged: ``residual <= tol`` and everything finite.
+    """
+
+    iterations: jax.Array
+    residual: jax.Array
+    converged: jax.Array
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_nonneg(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if value == float("inf"):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LinearSolver:
+    """Base class: validates inputs, applies Tikhonov damping, computes the relative residual.
+
+    Subclasses implement ``_solve(matvec, b, x0) -> (x, iterations, residual_norm)``.
+    """
+
+    ridge: float = 0.0
+
+    def __post_init__(self):
+        _check_nonneg("ridge", self.ridge)
+
+    @property
+    def _tol(self) -> float:
+        return getattr(self, "tol", 0.0)
+
+    def __call__(self, matvec: Matvec, b: PyTree, init: PyTree | None = None):
+        """Solve ``(A + ridge I) x = b``.
+
+        Args:
+          matvec: linear function ``v -> A v`` on pytrees shaped like ``b``.
+          b: right-hand side pytree (floating leaves).
+          init: optional initial guess shaped like ``b`` (warm start); zeros when ``None``.
+
+        Returns:
+          ``(x, stats)``: the solution pytree and a :class:`SolveStats`.
+        """
+        if not jax.tree.leaves(b):
+            raise ValueError("b must be a pytree with at least one array leaf")
+        for leaf in jax.tree.leaves(b):
+            if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+                raise TypeError(f"b must have floating leaves, got {T.describe(b)}")
+        out = jax.eval_shape(matvec, b)
+        T.check_same_structure(b, out, "matvec(b) must have the structure of b")
+        if init is None:
+            x0 = None
+        else:
+            T.check_same_structure(b, init, "init must have the structure of b")
+            x0 = jax.tree.map(lambda i, r: jnp.asarray(i, jnp.result_type(r)), init, b)
+        if self.ridge:
+            base = matvec
+            matvec = lambda v: T.tree_add_scaled(base(v), self.ridge, v)
+        bnorm = T.tree_norm(b)
+        x, iterations, rnorm = self._solve(matvec, b, x0, bnorm)
+        residual = jnp.where(bnorm > 0, rnorm / jnp.where(bnorm > 0, bnorm, 1), rnorm)
+        converged = jnp.isfinite(residual) & (residual <= self._tol) & T.tree_all_finite(x)
+        stats = SolveStats(jnp.asarray(iterations, jnp.int32), residual, converged)
+        return x, stats
+
+    def _solve(self, matvec, b, x0, bnorm):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _initial_residual(matvec, b, x0):
+    if x0 is None:
+        return T.tree_zeros_like(b), b
+    return x0, T.tree_sub(b, matvec(x0))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CG(LinearSolver):
+    r"""Conjugate gradients for symmetric positive-definite ``A`` (Hestenes & Stiefel, 1952).
+
+    .. math:: x_{k+1} = x_k + \alpha_k p_k,\quad \alpha_k = \frac{r_k^\top r_k}{p_k^\top A p_k}
+
+    Stops when ``||r_k|| <= tol ||b||`` or after ``maxiter`` iterations (one matvec each).
+
+    Args:
+      maxiter: maximum number of iterations; ``None`` means the number of unknowns (exact in exact
+        arithmetic).
+      tol: relative residual tolerance.
+      ridge: Tikhonov damping; solves ``(A + ridge I) x = b``.
+
+    Example:
+      >>> import jax.numpy as jnp, solvers
+      >>> x, stats = solvers.cg(tol=1e-8)(lambda v: jnp.array([2.0, 4.0]) * v, jnp.ones(2))
+      >>> x.round(3), bool(stats.converged)
+      (Array([0.5 , 0.25], dtype=float32), True)
+    """
+
+    maxiter: int | None = None
+    tol: float = 1e-5
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_int("maxiter", self.maxiter, 1, allow_none=True)
+        _check_nonneg("tol", self.tol)
+
+    def _solve(self, matvec, b, x0, bnorm):
+        maxiter = self.maxiter if self.maxiter is not None else T.tree_size(b)
+        x0, r0 = _initial_residual(matvec, b, x0)
+        rs0 = T.tree_vdot(r0, r0)
+        atol2 = (self.tol * bnorm) ** 2
+
+        def cond(carry):
+            _, _, _, rs, k = carry
+            return (k < maxiter) & (rs > atol2) & jnp.isfinite(rs)
+
+        def body(carry):
+            x, r, p, rs, k = carry
+            ap = matvec(p)
+            alpha = rs / T.tree_vdot(p, ap)
+            x = T.tree_add_scaled(x, alpha, p)
+            r = T.tree_add_scaled(r, -alpha, ap)
+            rs_new = T.tree_vdot(r, r)
+            p = T.tree_add_scaled(r, rs_new / rs, p)
+            return x, r, p, rs_new, k + 1
+
+        x, _, _, rs, k = lax.while_loop(cond, body, (x0, r0, r0, rs0, jnp.asarray(0, jnp.int32)))
+        return x, k, jnp.sqrt(rs)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Neumann(LinearSolver):
+    r"""Truncated Neumann series / Richardson iteration (Lorraine et al., 2020).
+
+    .. math:: A^{-1} b \approx s \sum_{k=0}^{K-1} (I - s A)^k b,
+       \qquad x_{k+1} = x_k + s\,(b - A x_k)
+
+    Converges for symmetric positive-definite ``A`` when ``0 < s < 2 / lambda_max``. One matvec per
+    step; the residual comes for free. Stops early when the relative residual reaches ``tol``.
+
+    Args:
+      steps: number of terms ``K`` of the series (matvecs).
+      scale: step ``s``; ``None`` estimates ``1 / lambda_max`` by ``power_iters`` power iterations
+        (costing that many extra matvecs).
+      tol: relative residual tolerance for early stopping and the converged flag.
+      power_iters: power iterations for the default ``scale``.
+      ridge: Tikhonov damping.
+
+    Example:
+      >>> import jax.numpy as jnp, solvers
+      >>> x, _ = solvers.neumann(steps=50)(lambda v: jnp.array([1.0, 2.0]) * v, jnp.ones(2))
+      >>> x.round(3)
+      Array([1. , 0.5], dtype=float32)
+    """
+
+    steps: int = 10
+    scale: float | None = None
+    tol: float = 1e-5
+    power_iters: int = 20
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_int("steps", self.steps, 1)
+        _check_int("power_iters", self.power_iters, 1)
+        _check_nonneg("tol", self.tol)
+        if self.scale is not None:
+            _check_nonneg("scale", self.scale)
+            if self.scale == 0:
+                raise ValueError("scale must be > 0")
+
+    def _solve(self, matvec, b, x0, bnorm):
+        scale = estimate_inverse_max_eigenvalue(matvec, b, self.power_iters) if (
+            self.scale is None
+        ) else jnp.asarray(self.scale, T.result_dtype(b))
+        x0, r0 = _initial_residual(matvec, b, x0)
+        atol = self.tol * bnorm
+
+        def cond(carry):
+            _, _, rnorm, k = carry
+            return (k < self.steps) & (rnorm > atol) & jnp.isfinite(rnorm)
+
+        def body(carry):
+            x, r, _, k = carry
+            x = T.tree_add_scaled(x, scale, r)
+            r = T.tree_add_scaled(r, -scale, matvec(r))
+            return x, r, T.tree_norm(r), k + 1
+
+        init = (x0, r0, T.tree_norm(r0), jnp.asarray(0, jnp.int32))
+        x, _, rnorm, k = lax.while_loop(cond, body, init)
+        return x, k, rnorm
+
+
+def estimate_inverse_max_eigenvalue(matvec: Matvec, like: PyTree, iters: int = 20) -> jax.Array:
+    """``1 / lambda_max`` of a symmetric positive semi-definite operator by power iteration.
+
+    Starts from a fixed pseudo-random vector shaped like ``like`` (deterministic, so results are
+    reproducible and do not retrace).
+    """
+    leaves, treedef = jax.tree.flatten(like)
+    keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+    v = jax.tree.unflatten(
+        treedef,
+        [jax.random.normal(k, jnp.shape(a), jnp.result_type(a)) for k, a in zip(keys, leaves,
+                                                                                 strict=True)],
+    )
+    v = T.tree_scale(1 / T.tree_norm(v), v)
+
+    def body(_, carry):
+        v, _ = carry
+        av = matvec(v)
+        lam = T.tree_norm(av)
+        return T.tree_scale(1 / jnp.where(lam > 0, lam, 1), av), lam
+
+    _, lam = lax.fori_loop(0, iters, body, (v, jnp.ones((), T.result_dtype(like))))
+    return 1 / jnp.where(lam > 0, lam, 1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GMRES(LinearSolver):
+    r"""Restarted GMRES for general (non-symmetric) ``A`` (Saad & Schultz, 1986).
+
+    Minimizes ``||b - A x||`` over a Krylov subspace of dimension ``restart``, then restarts.
+    Arnoldi with re-orthogonalized classical Gram-Schmidt; Givens rotations track the residual
+    so the iteration stops as soon as it reaches ``tol``. Works on the flattened pytree.
+
+    Args:
+      maxiter: maximum total number of Arnoldi iterations (matvecs).
+      tol: relative residual tolerance.
+      restart: Krylov subspace dimension between restarts.
+      ridge: Tikhonov damping.
+
+    Example:
+      >>> import jax.numpy as jnp, solvers
+      >>> A = jnp.array([[2.0, 1.0], [0.0, 3.0]])
+      >>> x, stats = solvers.gmres(tol=1e-6)(lambda v: A @ v, jnp.array([3.0, 3.0]))
+      >>> x.round(3)
+      Array([1., 1.], dtype=float32)
+    """
+
+    maxiter: int = 100
+    tol: float = 1e-5
+    restart: int = 20
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_int("maxiter", self.maxiter, 1)
+        _check_int("restart", self.restart, 1)
+        _check_nonneg("tol", self.tol)
+
+    def _solve(self, matvec, b, x0, bnorm):
+        b_flat, unravel = ravel_pytree(b)
+        dtype = b_flat.dtype
+        n = b_flat.shape[0]
+        m = min(self.restart, n)
+        mv = lambda v: ravel_pytree(matvec(unravel(v)))[0].astype(dtype)
+        x = jnp.zeros_like(b_flat) if x0 is None else ravel_pytree(x0)[0].astype(dtype)
+        r = b_flat if x0 is None else b_flat - mv(x)
+        atol = self.tol * bnorm
+        eps = jnp.finfo(dtype).tiny
+
+        def cycle(x, r, beta, k_total):
+            # One restart cycle: Arnoldi + Givens until the residual estimate reaches atol.
+            V = jnp.zeros((m + 1, n), dtype).at[0].set(r / jnp.where(beta > 0, beta, 1))
+            R = jnp.zeros((m + 1, m), dtype)
+            cs = jnp.zeros((m,), dtype)
+            sn = jnp.zeros((m,), dtype)
+            g = jnp.zeros((m + 1,), dtype).at[0].set(beta)
+
+            def cond(c):
+                _, _, _, _, g, j, _ = c
+                return (j < m) & (k_total + j < self.maxiter) & (jnp.abs(g[j]) > atol) & (
+                    jnp.isfinite(g[j])
+                )
+
+            def body(c):
+                V, R, cs, sn, g, j, _ = c
+                w = mv(V[j])
+                mask = (jnp.arange(m + 1) <= j).astype(dtype)
+                h = (V @ w) * mask
+                w = w - V.T @ h
+                h2 = (V @ w) * mask
+                w = w - V.T @ h2
+                h = h + h2
+                hn = jnp.linalg.norm(w)
+                V = V.at[j + 1].set(w / jnp.where(hn > eps, hn, 1))
+                h = h.at[j + 1].set(hn)
+
+                def rot(i, h):
+                    a, bb = h[i], h[i + 1]
+                    apply = i < j
+                    na = cs[i] * a + sn[i] * bb
+                    nb = -sn[i] * a + cs[i] * bb
+                    return h.at[i].set(jnp.where(apply, na, a)).at[i + 1].set(
+                        jnp.where(apply, nb, bb)
+                    )
+
+                h = lax.fori_loop(0, m, rot, h)
+                a, bb = h[j], h[j + 1]
+                den = jnp.sqrt(a * a + bb * bb)
+                c_, s_ = jnp.where(den > 0, a / jnp.where(den > 0, den, 1), 1), jnp.where(
+                    den > 0, bb / jnp.where(den > 0, den, 1), 0
+                )
+                h = h.at[j].set(den).at[j + 1].set(0)
+                cs, sn = cs.at[j].set(c_), sn.at[j].set(s_)
+                gj = g[j]
+                g = g.at[j].set(c_ * gj).at[j + 1].set(-s_ * gj)
+                R = R.at[:, j].set(h)
+                return V, R, cs, sn, g, j + 1, hn
+
+            init = (V, R, cs, sn, g, jnp.asarray(0, jnp.int32), jnp.zeros((), dtype))
+            V, R, cs, sn, g, j, _ = lax.while_loop(cond, body, init)
+            # Solve the j x j upper-triangular system; unused columns get a unit diagonal.
+            idx = jnp.arange(m)
+            used = idx < j
+            Rm = R[:m, :m] * used[None, :] * used[:, None]
+            Rm = Rm + jnp.diag(jnp.where(used, 0, 1).astype(dtype))
+            diag = jnp.diag(Rm)
+            Rm = Rm + jnp.diag(jnp.where(diag == 0, 1, 0).astype(dtype))
+            y = jax.scipy.linalg.solve_triangular(Rm, jnp.where(used, g[:m], 0), lower=False)
+            x = x + V[:m].T @ y
+            return x, j
+
+        def outer_cond(c):
+            _, _, beta, k = c
+            return (k < self.maxiter) & (beta > atol) & jnp.isfinite(beta)
+
+        def outer_body(c):
+            x, r, beta, k = c
+            x, j = cycle(x, r, beta, k)
+            r = b_flat - mv(x)
+            beta_new = jnp.linalg.norm(r)
+            # A cycle that made no progress (j == 0) cannot make any: stop.
+            k = jnp.where(j > 0, k + j, self.maxiter)
+            return x, r, beta_new, k
+
+        x, _, beta, k = lax.while_loop(
+            outer_cond, outer_body, (x, r, jnp.linalg.norm(r), jnp.asarray(0, jnp.int32))
+        )
+        return unravel(x), jnp.minimum(k, self.maxiter), beta
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BiCGStab(LinearSolver):
+    r"""Stabilized bi-conjugate gradients for general ``A`` (van der Vorst, 1992).
+
+    Two matvecs per iteration; short recurrences, so memory does not grow with iterations.
+
+    Args:
+      maxiter: maximum number of iterations (``None``: the number of unknowns).
+      tol: relative residual tolerance.
+      ridge: Tikhonov damping.
+
+    Example:
+      >>> import jax.numpy as jnp, solvers
+      >>> A = jnp.array([[2.0, 1.0], [0.0, 3.0]])
+      >>> x, _ = solvers.bicgstab(tol=1e-6)(lambda v: A @ v, jnp.array([3.0, 3.0]))
+      >>> x.round(3)
+      Array([1., 1.], dtype=float32)
+    """
+
+    maxiter: int | None = None
+    tol: float = 1e-5
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_int("maxiter", self.maxiter, 1, allow_none=True)
+        _check_nonneg("tol", self.tol)
+
+    def _solve(self, matvec, b, x0, bnorm):
+        maxiter = self.maxiter if self.maxiter is not None else T.tree_size(b)
+        x0, r0 = _initial_residual(matvec, b, x0)
+        dtype = T.result_dtype(b)
+        one = jnp.ones((), dtype)
+        atol = self.tol * bnorm
+
+        def safe_div(a, d):
+            return jnp.where(d != 0, a / jnp.where(d != 0, d, 1), 0)
+
+        def cond(c):
+            *_, rnorm, k = c
+            return (k < maxiter) & (rnorm > atol) & jnp.isfinite(rnorm)
+
+        def body(c):
+            x, r, rhat, p, v, rho, alpha, omega, _, k = c
+            rho_new = T.tree_vdot(rhat, r)
+            beta = safe_div(rho_new, rho) * safe_div(alpha, omega)
+            p = T.tree_add_scaled(r, beta, T.tree_add_scaled(p, -omega, v))
+            v = matvec(p)
+            alpha = safe_div(rho_new, T.tree_vdot(rhat, v))
+            s = T.tree_add_scaled(r, -alpha, v)
+            t = matvec(s)
+            omega = safe_div(T.tree_vdot(t, s), T.tree_vdot(t, t))
+            x = T.tree_add_scaled(T.tree_add_scaled(x, alpha, p), omega, s)
+            r = T.tree_add_scaled(s, -omega, t)
+            return x, r, rhat, p, v, rho_new, alpha, omega, T.tree_norm(r), k + 1
+
+        zeros = T.tree_zeros_like(b)
+        init = (x0, r0, r0, zeros, zeros, one, one, one, T.tree_norm(r0),
+                jnp.asarray(0, jnp.int32))
+        out = lax.while_loop(cond, body, init)
+        return out[0], out[-1], out[-2]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Direct(LinearSolver):
+    """Dense solve: materializes ``A`` with ``n`` matvecs and LU-factorizes it.
+
+    For small problems and as a test oracle. ``iterations`` reports the ``n`` matvecs used.
+
+    Args:
+      ridge: Tikhonov damping.
+
+    Example:
+      >>> import jax.numpy as jnp, solvers
+      >>> x, _ = solvers.direct()(lambda v: 2.0 * v, {"w": jnp.ones(3)})
+      >>> x["w"]
+      Array([0.5, 0.5, 0.5], dtype=float32)
+    """
+
+    tol: float = 1e-5
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_nonneg("tol", self.tol)
+
+    def _solve(self, matvec, b, x0, bnorm):
+        b_flat, unravel = ravel_pytree(b)
+        mv = lambda v: ravel_pytree(matvec(unravel(v)))[0].astype(b_flat.dtype)
+        A = jax.vmap(mv, out_axes=1)(jnp.eye(b_flat.shape[0], dtype=b_flat.dtype))
+        x = jnp.linalg.solve(A, b_flat)
+        rnorm = jnp.linalg.norm(b_flat - A @ x)
+        return unravel(x), b_flat.shape[0], rnorm
+
+
+# Lower-case names are the public, documented spelling: ``solvers.cg(maxiter=30)``.
+cg = CG
+neumann = Neumann
+gmres = GMRES
+bicgstab = BiCGStab
+direct = Direct
