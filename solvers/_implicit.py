@@ -21,7 +21,7 @@ import jax
 from jax import lax
 
 from solvers import _tree as T
-from solvers._linear import CG, GMRES, LinearSolver, SolveStats
+from solvers._linear import CG, GMRES, LinearSolver
 
 PyTree = Any
 
@@ -67,8 +67,13 @@ def _check_optimality_output(optimality_fn, params, args) -> None:
     )
 
 
-def implicit_solution(optimality_fn: Callable, params: PyTree, args: tuple,
-                      linear_solver: LinearSolver, symmetric: bool = False) -> PyTree:
+def implicit_solution(
+    optimality_fn: Callable,
+    params: PyTree,
+    args: tuple,
+    linear_solver: LinearSolver,
+    symmetric: bool = False,
+) -> PyTree:
     """Return ``params`` (a root of ``optimality_fn``) carrying implicit derivatives w.r.t. ``args``.
 
     ``params`` itself is treated as a constant (its own derivatives are stopped): the derivative of
@@ -86,8 +91,12 @@ def implicit_solution(optimality_fn: Callable, params: PyTree, args: tuple,
     return _implicit_identity(fn, linear_solver, symmetric, params, (*args, *consts))
 
 
-def custom_root(optimality_fn: Callable, linear_solver: LinearSolver | None = None,
-                has_aux: bool = False, symmetric: bool = False) -> Callable:
+def custom_root(
+    optimality_fn: Callable,
+    linear_solver: LinearSolver | None = None,
+    has_aux: bool = False,
+    symmetric: bool = False,
+) -> Callable:
     r"""Decorator: make ``solver(init_params, *args)`` differentiable by the implicit function theorem.
 
     If ``solver`` returns ``w*`` with ``optimality_fn(w*, *args) = 0``, the decorated solver returns
@@ -140,8 +149,9 @@ def custom_root(optimality_fn: Callable, linear_solver: LinearSolver | None = No
     return decorator
 
 
-def custom_fixed_point(fixed_point_fn: Callable, linear_solver: LinearSolver | None = None,
-                       has_aux: bool = False) -> Callable:
+def custom_fixed_point(
+    fixed_point_fn: Callable, linear_solver: LinearSolver | None = None, has_aux: bool = False
+) -> Callable:
     r"""Decorator: make a fixed-point solver differentiable by the implicit function theorem.
 
     For ``w* = T(w*, *args)`` the root is of ``F(w, theta) = T(w, theta) - w``, so
@@ -176,8 +186,14 @@ def custom_fixed_point(fixed_point_fn: Callable, linear_solver: LinearSolver | N
     return custom_root(optimality_fn, linear_solver, has_aux=has_aux)
 
 
-def root_vjp(optimality_fn: Callable, params: PyTree, args: tuple, cotangent: PyTree,
-             linear_solver: LinearSolver | None = None, init: PyTree | None = None):
+def root_vjp(
+    optimality_fn: Callable,
+    params: PyTree,
+    args: tuple,
+    cotangent: PyTree,
+    linear_solver: LinearSolver | None = None,
+    init: PyTree | None = None,
+):
     r"""Vector-Jacobian product of a root ``w*(args)`` with backward-pass diagnostics.
 
     .. math:: u = (\partial_w F)^{-\top} \bar w, \qquad \bar\theta = -(\partial_\theta F)^\top u
@@ -205,4 +221,3 @@ def root_vjp(optimality_fn: Callable, params: PyTree, args: tuple, cotangent: Py
     _, vjp_args = jax.vjp(lambda *a: optimality_fn(params, *a), *args)
     args_cotangent = vjp_args(T.tree_neg(u))
     return args_cotangent, u, stats
-

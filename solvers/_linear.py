@@ -206,9 +206,11 @@ class Neumann(LinearSolver):
                 raise ValueError("scale must be > 0")
 
     def _solve(self, matvec, b, x0, bnorm):
-        scale = estimate_inverse_max_eigenvalue(matvec, b, self.power_iters) if (
-            self.scale is None
-        ) else jnp.asarray(self.scale, T.result_dtype(b))
+        scale = (
+            estimate_inverse_max_eigenvalue(matvec, b, self.power_iters)
+            if (self.scale is None)
+            else jnp.asarray(self.scale, T.result_dtype(b))
+        )
         x0, r0 = _initial_residual(matvec, b, x0)
         atol = self.tol * bnorm
 
@@ -237,8 +239,10 @@ def estimate_inverse_max_eigenvalue(matvec: Matvec, like: PyTree, iters: int = 2
     keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
     v = jax.tree.unflatten(
         treedef,
-        [jax.random.normal(k, jnp.shape(a), jnp.result_type(a)) for k, a in zip(keys, leaves,
-                                                                                 strict=True)],
+        [
+            jax.random.normal(k, jnp.shape(a), jnp.result_type(a))
+            for k, a in zip(keys, leaves, strict=True)
+        ],
     )
     v = T.tree_scale(1 / T.tree_norm(v), v)
 
@@ -305,8 +309,11 @@ class GMRES(LinearSolver):
 
             def cond(c):
                 _, _, _, _, g, j, _ = c
-                return (j < m) & (k_total + j < self.maxiter) & (jnp.abs(g[j]) > atol) & (
-                    jnp.isfinite(g[j])
+                return (
+                    (j < m)
+                    & (k_total + j < self.maxiter)
+                    & (jnp.abs(g[j]) > atol)
+                    & (jnp.isfinite(g[j]))
                 )
 
             def body(c):
@@ -327,15 +334,16 @@ class GMRES(LinearSolver):
                     apply = i < j
                     na = cs[i] * a + sn[i] * bb
                     nb = -sn[i] * a + cs[i] * bb
-                    return h.at[i].set(jnp.where(apply, na, a)).at[i + 1].set(
-                        jnp.where(apply, nb, bb)
+                    return (
+                        h.at[i].set(jnp.where(apply, na, a)).at[i + 1].set(jnp.where(apply, nb, bb))
                     )
 
                 h = lax.fori_loop(0, m, rot, h)
                 a, bb = h[j], h[j + 1]
                 den = jnp.sqrt(a * a + bb * bb)
-                c_, s_ = jnp.where(den > 0, a / jnp.where(den > 0, den, 1), 1), jnp.where(
-                    den > 0, bb / jnp.where(den > 0, den, 1), 0
+                c_, s_ = (
+                    jnp.where(den > 0, a / jnp.where(den > 0, den, 1), 1),
+                    jnp.where(den > 0, bb / jnp.where(den > 0, den, 1), 0),
                 )
                 h = h.at[j].set(den).at[j + 1].set(0)
                 cs, sn = cs.at[j].set(c_), sn.at[j].set(s_)
@@ -432,8 +440,7 @@ class BiCGStab(LinearSolver):
             return x, r, rhat, p, v, rho_new, alpha, omega, T.tree_norm(r), k + 1
 
         zeros = T.tree_zeros_like(b)
-        init = (x0, r0, r0, zeros, zeros, one, one, one, T.tree_norm(r0),
-                jnp.asarray(0, jnp.int32))
+        init = (x0, r0, r0, zeros, zeros, one, one, one, T.tree_norm(r0), jnp.asarray(0, jnp.int32))
         out = lax.while_loop(cond, body, init)
         return out[0], out[-1], out[-2]
 
