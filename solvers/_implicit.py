@@ -53,6 +53,10 @@ def _implicit_identity(optimality_fn, linear_solver, symmetric, params, args):
 def _implicit_identity_jvp(optimality_fn, linear_solver, symmetric, primals, tangents):
     params, args = primals
     _, args_dot = tangents
+    # Re-attach the implicit derivative to the primal point, so that differentiating this rule
+    # again (higher order, or an outer transform over closed-over values) sees w*(args), not a
+    # constant.
+    params = _implicit_identity(optimality_fn, linear_solver, symmetric, params, args)
     # -d/dt F(w*, theta + t dtheta): the right-hand side of the tangent system.
     _, rhs = jax.jvp(lambda a: optimality_fn(params, *a), (args,), (args_dot,))
     matvec = lambda v: jax.jvp(lambda p: optimality_fn(p, *args), (params,), (v,))[1]

@@ -1,0 +1,231 @@
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import solvers
+from tests.solvers.problems import (
+    rel_err,
+    ridge_data,
+    ridge_hypergrad,
+    ridge_inner,
+    ridge_solution,
+    val_loss,
+)
+
+LINEAR_SOLVERS = {
+    "cg": solvers.cg(tol=1e-12),
+    "gmres": solvers.gmres(tol=1e-12),
+    "bicgstab": solvers.bicgstab(tol=1e-12),
+    "direct": solvers.direct(),
+    "neumann": solvers.neumann(steps=20000, tol=1e-12),
+}
+
+
+def ridge_optimality(w, log_lam, X, y):
+    return jax.grad(ridge_inner)(w, log_lam, X, y)
+
+
+def closed_form_solver(linear_solver):
+    @solvers.custom_root(ridge_optimality, linear_solver=linear_solver)
+    def solve(init_params, log_lam, X, y):
+        del init_params
+        # The closed form is computed without derivatives: only the implicit rule differentiates.
+        return jax.lax.stop_gradient(ridge_solution(log_lam, X, y))
+
+    return solve
+
+
+@pytest.mark.parametrize("name", sorted(LINEAR_SOLVERS))
+@pytest.mark.parametrize("per_feature", [False, True])
+def test_custom_root_closed_form_reverse_and_forward(name, per_feature):
+    with jax.enable_x64(True):
+        X, y, Xv, yv = ridge_data()
+        log_lam = jnp.linspace(-2.0, 0.5, X.shape[1]) if per_feature else jnp.asarray(-1.0)
+        solve = closed_form_solver(LINEAR_SOLVERS[name])
+        outer = lambda h: val_loss(solve(None, h, X, y), Xv, yv)
+        expected = ridge_hypergrad(log_lam, X, y, Xv, yv)
+        assert rel_err(jax.grad(outer)(log_lam), expected) <= 1e-6
+        assert rel_err(jax.jacfwd(outer)(log_lam), expected) <= 1e-6
+        # Jacobian of the solution itself, both modes.
+        jac = jax.jacobian(lambda h: ridge_solution(h, X, y))(log_lam)
+        assert rel_err(jax.jacrev(lambda h: solve(None, h, X, y))(log_lam), jac) <= 1e-6
+        assert rel_err(jax.jacfwd(lambda h: solve(None, h, X, y))(log_lam), jac) <= 1e-6
+
+
+def test_custom_root_differentiates_data_arguments_too():
+    with jax.enable_x64(True):
+        X, y, Xv, yv = ridge_data()
+        solve = closed_form_solver(solvers.cg(tol=1e-12))
+        got = jax.grad(lambda y: val_loss(solve(None, -1.0, X, y), Xv, yv))(y)
+        want = jax.grad(lambda y: val_loss(ridge_solution(-1.0, X, y), Xv, yv))(y)
+        assert rel_err(got, want) <= 1e-8
+
+
+def test_forward_mode_through_custom_root():
+    # jaxopt #474: custom_root was reverse-only (custom_vjp); jvp/jacfwd must work here.
+    with jax.enable_x64(True):
+        X, y, _, _ = ridge_data()
+        solve = closed_form_solver(solvers.cg(tol=1e-12))
+        w, w_dot = jax.jvp(lambda h: solve(None, h, X, y), (jnp.asarray(-1.0),), (1.0,))
+        _, expected = jax.jvp(lambda h: ridge_solution(h, X, y), (jnp.asarray(-1.0),), (1.0,))
+        assert rel_err(w_dot, expected) <= 1e-8
+
+
+@pytest.mark.parametrize("transform", ["jit", "vmap", "grad", "grad_of_hypergrad"])
+def test_optimality_fn_closing_over_traced_values(transform):
+    # jaxopt #31 / #111: an optimality function that closes over tracers (here the data X and the
+    # scale c) must be differentiated w.r.t. them, under jit, vmap and an outer grad.
+    with jax.enable_x64(True):
+        X, y, Xv, yv = ridge_data()
+
+        def solution(c, log_lam):
+            def optimality(w, log_lam):
+                return jax.grad(ridge_inner)(w, log_lam, c * X, y)
+
+            @solvers.custom_root(optimality, linear_solver=solvers.cg(tol=1e-12))
+            def solve(_, log_lam):
+                return jax.lax.stop_gradient(ridge_solution(log_lam, c * X, y))
+
+            return solve(None, log_lam)
+
+        def hypergrad(c, log_lam):
+            return jax.grad(lambda h: val_loss(solution(c, h), Xv, yv))(log_lam)
+
+        def expected(c, log_lam):
+            f = lambda h: val_loss(ridge_solution(h, c * X, y), Xv, yv)
+            return jax.grad(f)(log_lam)
+
+        if transform == "jit":
+            got, want = jax.jit(hypergrad)(1.3, -1.0), expected(1.3, -1.0)
+        elif transform == "vmap":
+            cs = jnp.array([0.7, 1.0, 1.3])
+            got = jax.vmap(hypergrad, in_axes=(0, None))(cs, -1.0)
+            want = jnp.stack([expected(c, -1.0) for c in cs])
+        elif transform == "grad":  # derivative w.r.t. the closed-over c, through the root
+            got = jax.grad(lambda c: val_loss(solution(c, -1.0), Xv, yv))(1.3)
+            want = jax.grad(lambda c: val_loss(ridge_solution(-1.0, c * X, y), Xv, yv))(1.3)
+        else:  # the hypergradient itself differentiated w.r.t. c (second order, mixed)
+            got = jax.grad(hypergrad)(1.3, -1.0)
+            want = jax.grad(expected)(1.3, -1.0)
+        assert rel_err(got, want) <= 1e-6
+
+
+def test_custom_root_has_aux():
+    with jax.enable_x64(True):
+        X, y, Xv, yv = ridge_data()
+
+        @solvers.custom_root(ridge_optimality, has_aux=True, linear_solver=solvers.cg(tol=1e-12))
+        def solve(_, log_lam, X, y):
+            return jax.lax.stop_gradient(ridge_solution(log_lam, X, y)), {"iters": 7}
+
+        w, aux = solve(None, -1.0, X, y)
+        assert aux == {"iters": 7}
+        got = jax.grad(lambda h: val_loss(solve(None, h, X, y)[0], Xv, yv))(-1.0)
+        assert rel_err(got, ridge_hypergrad(-1.0, X, y, Xv, yv)) <= 1e-6
+
+
+def test_fixed_point_contraction_against_finite_differences():
+    with jax.enable_x64(True):
+        rng = np.random.RandomState(0)
+        M = jnp.asarray(rng.randn(6, 6))
+        M = 0.5 * M / jnp.linalg.norm(M, 2)  # contraction: ||M|| = 0.5 (non-symmetric)
+
+        def T(w, theta):
+            return jnp.tanh(M @ w + theta)
+
+        @solvers.custom_fixed_point(T, linear_solver=solvers.gmres(tol=1e-12))
+        def solve(w0, theta):
+            return jax.lax.fori_loop(0, 200, lambda _, w: T(w, theta), w0)
+
+        theta = jnp.asarray(rng.randn(6))
+        u = jnp.asarray(rng.randn(6))
+        f = lambda th: jnp.dot(u, solve(jnp.zeros(6), th))
+        g = jax.grad(f)(theta)
+        eps = 1e-6
+        fd = np.array([(f(theta + eps * e) - f(theta - eps * e)) / (2 * eps) for e in np.eye(6)])
+        assert rel_err(g, fd) <= 1e-6
+        assert rel_err(jax.jacfwd(f)(theta), fd) <= 1e-6
+
+
+def test_unconverged_backward_solve_is_not_silently_zero():
+    # jaxopt #466: a capped linear solve still returns its best iterate, so the hypergradient is
+    # an approximation (not zero), and root_vjp reports the non-convergence.
+    with jax.enable_x64(True):
+        X, y, Xv, yv = ridge_data()
+        solve = closed_form_solver(solvers.cg(maxiter=1))
+        g = jax.grad(lambda h: val_loss(solve(None, h, X, y), Xv, yv))(jnp.zeros(6) - 1.0)
+        assert float(jnp.linalg.norm(g)) > 0
+        w = ridge_solution(-1.0, X, y)
+        cot = jax.grad(val_loss)(w, Xv, yv)
+        _, _, stats = solvers.root_vjp(
+            ridge_optimality, w, (-1.0, X, y), cot, linear_solver=solvers.cg(maxiter=1)
+        )
+        assert not bool(stats.converged) and int(stats.iterations) == 1
+
+
+def test_root_vjp_matches_custom_root_vjp_and_warm_starts():
+    with jax.enable_x64(True):
+        X, y, Xv, yv = ridge_data()
+        log_lam = jnp.linspace(-2.0, 0.5, 6)
+        w = ridge_solution(log_lam, X, y)
+        cot = jax.grad(val_loss)(w, Xv, yv)
+        (g_lam, _, _), u, stats = solvers.root_vjp(
+            ridge_optimality, w, (log_lam, X, y), cot, linear_solver=solvers.cg(tol=1e-12)
+        )
+        assert bool(stats.converged)
+        assert rel_err(g_lam, ridge_hypergrad(log_lam, X, y, Xv, yv)) <= 1e-8
+        _, _, warm = solvers.root_vjp(ridge_optimality, w, (log_lam, X, y), cot, init=u)
+        assert int(warm.iterations) == 0
+
+
+def test_matches_jaxopt_reference():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jaxopt import implicit_diff, linear_solve
+
+    with jax.enable_x64(True):
+        X, y, Xv, yv = ridge_data()
+        ref_solve = implicit_diff.custom_root(
+            ridge_optimality, solve=lambda mv, b: linear_solve.solve_cg(mv, b, tol=1e-12)
+        )(lambda _, h, X, y: ridge_solution(h, X, y))
+        ours = closed_form_solver(solvers.cg(tol=1e-12))
+        h = jnp.linspace(-2.0, 0.5, 6)
+        g_ref = jax.grad(lambda h: val_loss(ref_solve(None, h, X, y), Xv, yv))(h)
+        g_ours = jax.grad(lambda h: val_loss(ours(None, h, X, y), Xv, yv))(h)
+        assert rel_err(g_ours, g_ref) <= 1e-8
+
+
+def test_optimality_output_structure_mismatch_is_a_clear_error():
+    @solvers.custom_root(lambda w, a: {"w": w}, linear_solver=solvers.cg())
+    def solve(w0, a):
+        return w0
+
+    with pytest.raises(ValueError, match="shaped like params"):
+        solve(jnp.ones(3), 1.0)
+
+
+def test_bad_linear_solver_is_a_type_error():
+    with pytest.raises(TypeError, match="linear solver"):
+        solvers.custom_root(lambda w, a: w, linear_solver="cg")
+
+
+def test_custom_root_jit_no_retrace():
+    X, y, Xv, yv = ridge_data(dtype=np.float32)
+    solve = closed_form_solver(solvers.cg(tol=1e-6))
+    traces = []
+
+    @jax.jit
+    def hypergrad(h):
+        traces.append(1)
+        return jax.grad(lambda h: val_loss(solve(None, h, X, y), Xv, yv))(h)
+
+    g1 = hypergrad(jnp.float32(-1.0))
+    g2 = hypergrad(jnp.float32(-0.5))
+    assert len(traces) == 1
+    assert g1.dtype == jnp.float32 and g2.dtype == jnp.float32
+    with jax.enable_x64(True):
+        X64, y64, Xv64, yv64 = ridge_data()
+        assert rel_err(g1, ridge_hypergrad(-1.0, X64, y64, Xv64, yv64)) <= 1e-3
