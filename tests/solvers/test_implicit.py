@@ -69,7 +69,7 @@ def test_forward_mode_through_custom_root():
     with jax.enable_x64(True):
         X, y, _, _ = ridge_data()
         solve = closed_form_solver(solvers.cg(tol=1e-12))
-        w, w_dot = jax.jvp(lambda h: solve(None, h, X, y), (jnp.asarray(-1.0),), (1.0,))
+        _w, w_dot = jax.jvp(lambda h: solve(None, h, X, y), (jnp.asarray(-1.0),), (1.0,))
         _, expected = jax.jvp(lambda h: ridge_solution(h, X, y), (jnp.asarray(-1.0),), (1.0,))
         assert rel_err(w_dot, expected) <= 1e-8
 
@@ -121,7 +121,7 @@ def test_custom_root_has_aux():
         def solve(_, log_lam, X, y):
             return jax.lax.stop_gradient(ridge_solution(log_lam, X, y)), {"iters": 7}
 
-        w, aux = solve(None, -1.0, X, y)
+        _w, aux = solve(None, -1.0, X, y)
         assert aux == {"iters": 7}
         got = jax.grad(lambda h: val_loss(solve(None, h, X, y)[0], Xv, yv))(-1.0)
         assert rel_err(got, ridge_hypergrad(-1.0, X, y, Xv, yv)) <= 1e-6

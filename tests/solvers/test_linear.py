@@ -184,5 +184,5 @@ def test_no_retrace_on_second_call():
 
 
 def test_nonfinite_operator_is_reported():
-    x, stats = solvers.cg()(lambda v: v * jnp.nan, jnp.ones(3))
+    _x, stats = solvers.cg()(lambda v: v * jnp.nan, jnp.ones(3))
     assert not bool(stats.converged)
