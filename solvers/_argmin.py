@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.extend import core as jex_core
@@ -213,7 +214,8 @@ def _validate(fun, init_params, args, optimizer, steps, tol, adjoint) -> None:
             floats = [
                 x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
             ]
-            if floats and not bool(T.tree_all_finite(floats)):
+            # NumPy, not jnp: under an outer jit even concrete values would be staged out.
+            if not all(np.isfinite(np.asarray(x)).all() for x in floats):
                 raise ValueError(f"{name} contains non-finite values (NaN or inf)")
 
 

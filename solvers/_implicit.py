@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from solvers import _tree as T
@@ -59,6 +60,15 @@ def _implicit_identity_jvp(optimality_fn, linear_solver, symmetric, primals, tan
     params = _implicit_identity(optimality_fn, linear_solver, symmetric, params, args)
     # -d/dt F(w*, theta + t dtheta): the right-hand side of the tangent system.
     _, rhs = jax.jvp(lambda a: optimality_fn(params, *a), (args,), (args_dot,))
+    # Leaves of the right-hand side that do not depend on args (e.g. an unpenalized bias) would
+    # be constants, which lax.custom_linear_solve cannot transpose: tie each leaf to the tangent
+    # with an exact zero so that reverse mode sees a linear function of it everywhere.
+    tangent_leaves = [
+        t for t in jax.tree.leaves(args_dot) if jnp.issubdtype(jnp.result_type(t), jnp.inexact)
+    ]
+    if tangent_leaves:
+        zero = 0 * sum(jnp.sum(t) for t in tangent_leaves)
+        rhs = jax.tree.map(lambda r: r + zero.astype(r.dtype), rhs)
     matvec = lambda v: jax.jvp(lambda p: optimality_fn(p, *args), (params,), (v,))[1]
     params_dot = _linear_solve(matvec, T.tree_neg(rhs), linear_solver, symmetric)
     return params, params_dot
