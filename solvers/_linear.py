@@ -128,7 +128,7 @@ class CG(LinearSolver):
 
     Example:
       >>> import jax.numpy as jnp, solvers
-      >>> x, stats = solvers.cg(tol=1e-8)(lambda v: jnp.array([2.0, 4.0]) * v, jnp.ones(2))
+      >>> x, stats = solvers.cg(tol=1e-6)(lambda v: jnp.array([2.0, 4.0]) * v, jnp.ones(2))
       >>> x.round(3), bool(stats.converged)
       (Array([0.5 , 0.25], dtype=float32), True)
     """
@@ -456,7 +456,7 @@ class Direct(LinearSolver):
 
     Example:
       >>> import jax.numpy as jnp, solvers
-      >>> x, _ = solvers.direct()(lambda v: 2.0 * v, {"w": jnp.ones(3)})
+      >>> x, _ = solvers.direct()(lambda v: {"w": 2.0 * v["w"]}, {"w": jnp.ones(3)})
       >>> x["w"]
       Array([0.5, 0.5, 0.5], dtype=float32)
     """

@@ -1,0 +1,317 @@
+r"""Hyperparameter spaces: constrained values stored as unconstrained parameters.
+
+Gradient steps on hyperparameters happen in an unconstrained space ``u``; each spec maps ``u`` to
+its constrained value:
+
+======================  ==========================================================  ==============
+spec                    value                                                       for
+======================  ==========================================================  ==============
+``log(init)``           :math:`e^{u}`                                               weight decay
+``log(init, lo, hi)``   :math:`\exp(\log lo + (\log hi - \log lo)\,\sigma(u))`     bounded scale
+``log(init, lo)``       :math:`\exp(\log lo + \mathrm{softplus}(u))`
+``log(init, None, hi)`` :math:`\exp(\log hi - \mathrm{softplus}(-u))`
+``unit(init)``          :math:`lo + (hi - lo)\,\sigma(u)`, default ``(0, 1)``          dropout rate
+``bounded(init, lo, hi)`` :math:`lo + (hi - lo)\,\sigma(u)` (one-sided: softplus forms)  magnitudes
+``real(init)``          :math:`u`                                                   offsets
+======================  ==========================================================  ==============
+
+A *space* is any pytree (usually a dict) whose leaves are these specs. ``init`` may be an array
+(one hyperparameter per feature, layer or example): ``log(jnp.full(n, 1e-3))``.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from bilevel import hparams
+  >>> space = {"wd": hparams.log(1e-3), "dropout": hparams.unit(jnp.full(2, 0.1))}
+  >>> u = hparams.init(space)
+  >>> values = hparams.constrain(space, u)
+  >>> round(float(values["wd"]), 6), values["dropout"].shape
+  (0.001, (2,))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Hyperparameter",
+    "bounded",
+    "constrain",
+    "init",
+    "log",
+    "real",
+    "unconstrain",
+    "unit",
+]
+
+PyTree = Any
+
+
+def _softplus_inv(y):
+    # log(exp(y) - 1), stable for large and small y.
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+def _logit(p):
+    return jnp.log(p) - jnp.log1p(-p)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Hyperparameter:
+    """One entry of a space: a constrained hyperparameter (scalar or array) and its transform.
+
+    Build it with :func:`log`, :func:`unit`, :func:`bounded` or :func:`real`.
+    """
+
+    kind: str  # "log", "linear" or "real"
+    value: np.ndarray  # initial constrained value
+    lower: float | None = None
+    upper: float | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    def _check(self) -> None:
+        v, lo, hi = self.value, self.lower, self.upper
+        desc = (
+            f"{self.kind if self.kind != 'linear' else 'bounded'}(init={_short(v)}, "
+            f"lower={lo}, upper={hi})"
+        )
+        if not np.issubdtype(v.dtype, np.floating):
+            raise ValueError(f"{desc}: init must be a real number or array, got dtype {v.dtype}")
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"{desc}: init must be finite")
+        for name, b in (("lower", lo), ("upper", hi)):
+            if b is not None and not math.isfinite(b):
+                raise ValueError(f"{desc}: {name} must be finite or None, got {b}")
+        if lo is not None and hi is not None and not lo < hi:
+            raise ValueError(f"{desc}: lower must be < upper")
+        if self.kind == "log":
+            if lo is not None and lo <= 0:
+                raise ValueError(f"{desc}: a log-scale lower bound must be > 0")
+            if hi is not None and hi <= 0:
+                raise ValueError(f"{desc}: a log-scale upper bound must be > 0")
+            if np.any(v <= 0):
+                raise ValueError(f"{desc}: a log-scale init must be > 0")
+        if lo is not None and np.any(v <= lo):
+            raise ValueError(f"{desc}: init must be strictly above lower={lo}")
+        if hi is not None and np.any(v >= hi):
+            raise ValueError(f"{desc}: init must be strictly below upper={hi}")
+
+    def constrain(self, u: jax.Array) -> jax.Array:
+        """Map an unconstrained array to the hyperparameter's value."""
+        lo, hi = self.lower, self.upper
+        if self.kind == "real":
+            return u
+        if self.kind == "log":
+            if lo is None and hi is None:
+                return jnp.exp(u)
+            if hi is None:
+                return jnp.exp(math.log(lo) + jax.nn.softplus(u))
+            if lo is None:
+                return jnp.exp(math.log(hi) - jax.nn.softplus(-u))
+            return jnp.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * jax.nn.sigmoid(u))
+        if lo is None and hi is None:
+            return u
+        if hi is None:
+            return lo + jax.nn.softplus(u)
+        if lo is None:
+            return hi - jax.nn.softplus(-u)
+        return lo + (hi - lo) * jax.nn.sigmoid(u)
+
+    def unconstrain(self, value: jax.Array) -> jax.Array:
+        """Inverse of :meth:`constrain`."""
+        lo, hi = self.lower, self.upper
+        if self.kind == "real":
+            return value
+        if self.kind == "log":
+            x = jnp.log(value)
+            lo = None if lo is None else math.log(lo)
+            hi = None if hi is None else math.log(hi)
+        else:
+            x = value
+        if lo is None and hi is None:
+            return x
+        if hi is None:
+            return _softplus_inv(x - lo)
+        if lo is None:
+            return -_softplus_inv(hi - x)
+        return _logit((x - lo) / (hi - lo))
+
+    def __repr__(self) -> str:
+        kind = "bounded" if self.kind == "linear" else self.kind
+        return f"{kind}(init={_short(self.value)}, lower={self.lower}, upper={self.upper})"
+
+
+def _short(v: np.ndarray) -> str:
+    return f"{float(v):g}" if v.ndim == 0 else f"array{list(v.shape)}"
+
+
+def _as_array(init: Any) -> np.ndarray:
+    if isinstance(init, jax.core.Tracer):
+        raise TypeError(
+            "a hyperparameter spec needs a concrete init value, not a traced one; "
+            "build spaces outside jit"
+        )
+    v = np.asarray(init)
+    if np.issubdtype(v.dtype, np.integer) or v.dtype == bool:
+        v = v.astype(np.float32)
+    if v.dtype == np.float64 and not jax.config.jax_enable_x64:
+        v = v.astype(np.float32)
+    return v
+
+
+def _bound(b: Any) -> float | None:
+    return None if b is None else float(b)
+
+
+def _make(kind: str, init: Any, lower: Any, upper: Any) -> Hyperparameter:
+    hp = Hyperparameter(kind, _as_array(init), _bound(lower), _bound(upper))
+    hp._check()
+    return hp
+
+
+def log(init: Any, lower: float | None = None, upper: float | None = None) -> Hyperparameter:
+    """A positive hyperparameter searched on a log scale (weight decay, learning rate, noise).
+
+    Args:
+      init: initial value(s), > 0; scalar or array.
+      lower: optional lower bound (> 0).
+      upper: optional upper bound.
+
+    Returns:
+      A :class:`Hyperparameter` spec.
+    """
+    return _make("log", init, lower, upper)
+
+
+def unit(init: Any, lower: float = 0.0, upper: float = 1.0) -> Hyperparameter:
+    """A hyperparameter in an open interval, default ``(0, 1)`` (dropout rate, mixing weight).
+
+    Args:
+      init: initial value(s), strictly inside ``(lower, upper)``.
+      lower, upper: the interval.
+
+    Returns:
+      A :class:`Hyperparameter` spec (scaled sigmoid).
+    """
+    return _make("linear", init, lower, upper)
+
+
+def bounded(init: Any, lower: float | None, upper: float | None) -> Hyperparameter:
+    """A hyperparameter in ``(lower, upper)``; one side may be ``None`` (softplus form).
+
+    Args:
+      init: initial value(s), strictly inside the bounds.
+      lower, upper: bounds; ``None`` for an open side.
+
+    Returns:
+      A :class:`Hyperparameter` spec.
+    """
+    return _make("linear", init, lower, upper)
+
+
+def real(init: Any) -> Hyperparameter:
+    """An unconstrained real hyperparameter (identity transform).
+
+    Args:
+      init: initial value(s).
+
+    Returns:
+      A :class:`Hyperparameter` spec.
+    """
+    return _make("real", init, None, None)
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, Hyperparameter)
+
+
+def _path_str(path) -> str:
+    return "hparams" + "".join(str(k) for k in path)
+
+
+def _specs(space: PyTree):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(space, is_leaf=_is_spec)
+    if not leaves:
+        raise ValueError("the hyperparameter space is empty")
+    for path, leaf in leaves:
+        if not _is_spec(leaf):
+            raise TypeError(
+                f"{_path_str(path)} is {leaf!r}, not a hyperparameter spec: wrap it with "
+                "bilevel.hparams.log/unit/bounded/real"
+            )
+    return leaves, treedef
+
+
+def init(space: PyTree) -> PyTree:
+    """The unconstrained parameters of a space at its initial values (``jnp`` arrays).
+
+    Args:
+      space: pytree of :class:`Hyperparameter` specs.
+
+    Returns:
+      A pytree of the same structure holding unconstrained arrays.
+    """
+    leaves, treedef = _specs(space)
+    out = []
+    for path, spec in leaves:
+        u = spec.unconstrain(jnp.asarray(spec.value))
+        if not bool(jnp.all(jnp.isfinite(u))):
+            raise ValueError(
+                f"{_path_str(path)}: {spec!r} is too close to a bound to be "
+                "represented in its dtype"
+            )
+        out.append(u)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _check_values(space, tree, what):
+    leaves, treedef = _specs(space)
+    try:
+        values = treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{what} does not match the space: expected structure {treedef}, got "
+            f"{jax.tree.structure(tree)} ({e})"
+        ) from None
+    for (path, spec), v in zip(leaves, values, strict=True):
+        if jnp.shape(v) != spec.shape:
+            raise ValueError(
+                f"{what}: {_path_str(path)} has shape {jnp.shape(v)}, the space says {spec.shape}"
+            )
+    return leaves, treedef, values
+
+
+def constrain(space: PyTree, u: PyTree) -> PyTree:
+    """Constrained hyperparameter values from unconstrained parameters ``u``.
+
+    Args:
+      space: pytree of specs.
+      u: unconstrained pytree of the same structure (e.g. from :func:`init`).
+
+    Returns:
+      The values, same structure.
+    """
+    leaves, treedef, values = _check_values(space, u, "unconstrained hyperparameters")
+    return jax.tree.unflatten(
+        treedef, [spec.constrain(x) for (_, spec), x in zip(leaves, values, strict=True)]
+    )
+
+
+def unconstrain(space: PyTree, values: PyTree) -> PyTree:
+    """Unconstrained parameters for given constrained values (inverse of :func:`constrain`).
+
+    Useful to start a population of tuners at chosen values.
+    """
+    leaves, treedef, vals = _check_values(space, values, "hyperparameter values")
+    return jax.tree.unflatten(
+        treedef,
+        [spec.unconstrain(jnp.asarray(x)) for (_, spec), x in zip(leaves, vals, strict=True)],
+    )
