@@ -4,6 +4,32 @@ Hyperparameters (weight decay, dropout, per-example weights, learning rates, ...
 hypergradients computed through the inner training problem with :mod:`solvers`.
 """
 
+from bilevel import hparams
+from bilevel._bilevel import (
+    BilevelOptimizer,
+    BilevelState,
+    Forward,
+    HypergradientInfo,
+    hypergradient,
+    implicit_hypergradient,
+)
+from bilevel._checkpoint import latest_step, restore_checkpoint, save_checkpoint
+from bilevel._utils import minibatches, nnx_apply_fn
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "BilevelOptimizer",
+    "BilevelState",
+    "Forward",
+    "HypergradientInfo",
+    "hypergradient",
+    "implicit_hypergradient",
+    "latest_step",
+    "minibatches",
+    "nnx_apply_fn",
+    "restore_checkpoint",
+    "save_checkpoint",
+    "__version__",
+    "hparams",
+]

@@ -292,7 +292,7 @@ class BilevelOptimizer:
 
         Returns:
           ``(state, metrics)``; metrics: ``inner_loss`` (mean over the cycle), ``outer_loss``,
-          ``hypergrad_norm``, ``linear_iterations`` / ``linear_residual`` /
+          ``hypergrad`` (w.r.t. the unconstrained hyperparameters) and ``hypergrad_norm``, ``linear_iterations`` / ``linear_residual`` /
           ``linear_converged`` (Implicit; 0 / 0 / True otherwise), ``hparams`` (after the
           update), ``skipped`` / ``inner_skipped`` (cumulative counts), and ``inner_aux`` /
           ``outer_aux`` with ``has_aux``.
@@ -481,6 +481,7 @@ class BilevelOptimizer:
             "inner_loss": jnp.mean(inner_losses),
             "outer_loss": outer_value,
             "hypergrad_norm": T.tree_norm(g),
+            "hypergrad": g,
             "linear_iterations": stats.iterations,
             "linear_residual": stats.residual,
             "linear_converged": stats.converged,

@@ -25,7 +25,7 @@ def test_round_trip_is_bit_identical_including_keys(tmp_path):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    restored3, step3 = restore_checkpoint(tmp_path / "ckpt", state, step=3)
+    _restored3, step3 = restore_checkpoint(tmp_path / "ckpt", state, step=3)
     assert step3 == 3
 
 
