@@ -15,6 +15,7 @@ All timings are medians of interleaved repeats measured in one run.
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import jax
@@ -31,7 +32,7 @@ from experiments import _common
 def mlp_init(key, sizes):
     params = []
     for k, (a, b) in zip(
-        jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:], strict=True), strict=True
+        jax.random.split(key, len(sizes) - 1), itertools.pairwise(sizes), strict=True
     ):
         params.append({"w": jax.random.normal(k, (a, b)) * jnp.sqrt(2.0 / a), "b": jnp.zeros(b)})
     return params
