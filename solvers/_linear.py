@@ -4,7 +4,7 @@ Every solver is an immutable (frozen, hashable) configuration object. Calling it
 ``solve(matvec, b, init=None)`` returns ``(x, stats)`` where ``stats`` is a :class:`SolveStats`.
 ``matvec`` is only ever called, never materialized (except by :class:`Direct`), so ``A`` can be a
 Hessian given as a Hessian-vector product. A solve that stops before reaching ``tol`` returns its
-best iterate (never zeros in place of an answer) and says so in ``stats.converged``.
+last iterate (never zeros in place of an answer) and says so in ``stats.converged``.
 """
 
 from __future__ import annotations
@@ -118,7 +118,10 @@ class CG(LinearSolver):
 
     .. math:: x_{k+1} = x_k + \alpha_k p_k,\quad \alpha_k = \frac{r_k^\top r_k}{p_k^\top A p_k}
 
-    Stops when ``||r_k|| <= tol ||b||`` or after ``maxiter`` iterations (one matvec each).
+    Stops when ``||r_k|| <= tol ||b||``, after ``maxiter`` iterations (one matvec each), or at a
+    direction of non-positive curvature (``p^T A p <= 0``: ``A`` is not positive definite, as a
+    neural network's Hessian often is not), where it returns the current iterate and reports
+    ``converged=False`` (truncated CG). Add ``ridge`` damping to make such systems solvable.
 
     Args:
       maxiter: maximum number of iterations; ``None`` means the number of unknowns (exact in exact
@@ -148,20 +151,25 @@ class CG(LinearSolver):
         atol2 = (self.tol * bnorm) ** 2
 
         def cond(carry):
-            _, _, _, rs, k = carry
-            return (k < maxiter) & (rs > atol2) & jnp.isfinite(rs)
+            _, _, _, rs, k, curved = carry
+            return (k < maxiter) & (rs > atol2) & jnp.isfinite(rs) & curved
 
         def body(carry):
-            x, r, p, rs, k = carry
+            x, r, p, rs, k, _ = carry
             ap = matvec(p)
-            alpha = rs / T.tree_vdot(p, ap)
+            pap = T.tree_vdot(p, ap)
+            # Non-positive curvature (an indefinite or singular operator): stop at the current
+            # iterate instead of dividing by it (truncated CG, Steihaug 1983).
+            curved = pap > 0
+            alpha = jnp.where(curved, rs / jnp.where(curved, pap, 1), 0)
             x = T.tree_add_scaled(x, alpha, p)
             r = T.tree_add_scaled(r, -alpha, ap)
-            rs_new = T.tree_vdot(r, r)
+            rs_new = jnp.where(curved, T.tree_vdot(r, r), rs)
             p = T.tree_add_scaled(r, rs_new / rs, p)
-            return x, r, p, rs_new, k + 1
+            return x, r, p, rs_new, k + 1, curved
 
-        x, _, _, rs, k = lax.while_loop(cond, body, (x0, r0, r0, rs0, jnp.asarray(0, jnp.int32)))
+        init = (x0, r0, r0, rs0, jnp.asarray(0, jnp.int32), jnp.asarray(True))
+        x, _, _, rs, k, _ = lax.while_loop(cond, body, init)
         return x, k, jnp.sqrt(rs)
 
 

@@ -151,7 +151,7 @@ def test_fixed_point_contraction_against_finite_differences():
 
 
 def test_unconverged_backward_solve_is_not_silently_zero():
-    # jaxopt #466: a capped linear solve still returns its best iterate, so the hypergradient is
+    # jaxopt #466: a capped linear solve still returns its last iterate, so the hypergradient is
     # an approximation (not zero), and root_vjp reports the non-convergence.
     with jax.enable_x64(True):
         X, y, Xv, yv = ridge_data()
