@@ -14,6 +14,8 @@ from bilevel._bilevel import (
     implicit_hypergradient,
 )
 from bilevel._checkpoint import latest_step, restore_checkpoint, save_checkpoint
+from bilevel._hd import HypergradientLRState, hd_adam, hd_sgd, hypergradient_lr
+from bilevel._hyper_adapt import HyperAdaptState, hyper_adapt
 from bilevel._utils import minibatches, nnx_apply_fn
 
 __version__ = "0.1.0"
@@ -30,6 +32,12 @@ __all__ = [
     "nnx_apply_fn",
     "restore_checkpoint",
     "save_checkpoint",
+    "HyperAdaptState",
+    "HypergradientLRState",
     "__version__",
+    "hd_adam",
     "hparams",
+    "hd_sgd",
+    "hyper_adapt",
+    "hypergradient_lr",
 ]
