@@ -75,7 +75,9 @@ class LinearSolver:
         Args:
           matvec: linear function ``v -> A v`` on pytrees shaped like ``b``.
           b: right-hand side pytree (floating leaves).
-          init: optional initial guess shaped like ``b`` (warm start); zeros when ``None``.
+          init: optional initial guess shaped like ``b`` (warm start); zeros when ``None``. A
+            guess whose residual exceeds ``||b||`` (worse than zero) is replaced by zeros, so a
+            warm start never makes a solve worse than a cold one.
 
         Returns:
           ``(x, stats)``: the solution pytree and a :class:`SolveStats`.
@@ -107,9 +109,14 @@ class LinearSolver:
 
 
 def _initial_residual(matvec, b, x0):
+    """Start point and its residual; a warm start worse than zero (or non-finite) is dropped."""
+    zeros = T.tree_zeros_like(b)
     if x0 is None:
-        return T.tree_zeros_like(b), b
-    return x0, T.tree_sub(b, matvec(x0))
+        return zeros, b
+    r0 = T.tree_sub(b, matvec(x0))
+    r0_norm = T.tree_norm(r0)
+    use = jnp.isfinite(r0_norm) & (r0_norm <= T.tree_norm(b))
+    return T.tree_select(use, x0, zeros), T.tree_select(use, r0, b)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -120,8 +127,9 @@ class CG(LinearSolver):
 
     Stops when ``||r_k|| <= tol ||b||``, after ``maxiter`` iterations (one matvec each), or at a
     direction of non-positive curvature (``p^T A p <= 0``: ``A`` is not positive definite, as a
-    neural network's Hessian often is not), where it returns the current iterate and reports
-    ``converged=False`` (truncated CG). Add ``ridge`` damping to make such systems solvable.
+    neural network's Hessian often is not), reporting ``converged=False`` (truncated CG). It
+    returns the iterate of smallest residual (on a positive-definite system, normally the last).
+    Add ``ridge`` damping to make indefinite systems solvable.
 
     Args:
       maxiter: maximum number of iterations; ``None`` means the number of unknowns (exact in exact
@@ -151,11 +159,11 @@ class CG(LinearSolver):
         atol2 = (self.tol * bnorm) ** 2
 
         def cond(carry):
-            _, _, _, rs, k, curved = carry
+            _, _, _, rs, k, curved, _, _ = carry
             return (k < maxiter) & (rs > atol2) & jnp.isfinite(rs) & curved
 
         def body(carry):
-            x, r, p, rs, k, _ = carry
+            x, r, p, rs, k, _, x_best, rs_best = carry
             ap = matvec(p)
             pap = T.tree_vdot(p, ap)
             # Non-positive curvature (an indefinite or singular operator): stop at the current
@@ -166,10 +174,15 @@ class CG(LinearSolver):
             r = T.tree_add_scaled(r, -alpha, ap)
             rs_new = jnp.where(curved, T.tree_vdot(r, r), rs)
             p = T.tree_add_scaled(r, rs_new / rs, p)
-            return x, r, p, rs_new, k + 1, curved
+            # Keep the iterate of smallest residual: on an indefinite operator the residual
+            # of CG can grow, and the answer must never be worse than the start.
+            better = rs_new <= rs_best
+            x_best = T.tree_select(better, x, x_best)
+            rs_best = jnp.where(better, rs_new, rs_best)
+            return x, r, p, rs_new, k + 1, curved, x_best, rs_best
 
-        init = (x0, r0, r0, rs0, jnp.asarray(0, jnp.int32), jnp.asarray(True))
-        x, _, _, rs, k, _ = lax.while_loop(cond, body, init)
+        init = (x0, r0, r0, rs0, jnp.asarray(0, jnp.int32), jnp.asarray(True), x0, rs0)
+        *_, k, _, x, rs = lax.while_loop(cond, body, init)
         return x, k, jnp.sqrt(rs)
 
 
@@ -302,8 +315,9 @@ class GMRES(LinearSolver):
         n = b_flat.shape[0]
         m = min(self.restart, n)
         mv = lambda v: ravel_pytree(matvec(unravel(v)))[0].astype(dtype)
-        x = jnp.zeros_like(b_flat) if x0 is None else ravel_pytree(x0)[0].astype(dtype)
-        r = b_flat if x0 is None else b_flat - mv(x)
+        x0, r0 = _initial_residual(matvec, b, x0)
+        x = ravel_pytree(x0)[0].astype(dtype)
+        r = ravel_pytree(r0)[0].astype(dtype)
         atol = self.tol * bnorm
         eps = jnp.finfo(dtype).tiny
 

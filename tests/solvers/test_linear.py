@@ -194,3 +194,16 @@ def test_cg_stops_at_negative_curvature_without_nan():
     assert bool(jnp.all(jnp.isfinite(x)))
     assert not bool(stats.converged)
     assert bool(jnp.isfinite(stats.residual))
+
+
+@pytest.mark.parametrize("name", ["cg", "gmres", "bicgstab", "neumann"])
+def test_a_bad_warm_start_is_replaced_by_zero(name):
+    with jax.enable_x64(True):
+        A, b = spd_system()
+        cold_x, cold = SPD_SOLVERS[name](lambda v: A @ v, jnp.asarray(b))
+        bad = jnp.full(len(b), 1e6)
+        x, warm = SPD_SOLVERS[name](lambda v: A @ v, jnp.asarray(b), init=bad)
+        assert int(warm.iterations) == int(cold.iterations)
+        np.testing.assert_allclose(x, cold_x, rtol=1e-10)
+        x, _ = SPD_SOLVERS[name](lambda v: A @ v, jnp.asarray(b), init=jnp.full(len(b), jnp.nan))
+        np.testing.assert_allclose(x, cold_x, rtol=1e-10)
