@@ -20,6 +20,8 @@ def test_quickstart_smoke(tmp_path):
     for r in results["l2"] + results["nnx"]:
         assert 0.5 < r["test_acc"] <= 1.0
     assert len(results["nnx"]) == 2
+    assert {r["method"] for r in results["hd"]} >= {"Adam", "Adam-HD"}
+    assert (tmp_path / "hd_vs_adam.png").stat().st_size > 0
     assert json.loads((tmp_path / "summary.json").read_text()).keys() == results.keys()
 
 
