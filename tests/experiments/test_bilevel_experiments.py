@@ -1,0 +1,74 @@
+import json
+import math
+
+import pytest
+
+from experiments import hyper_cleaning, weight_decay
+
+
+def _finite(x):
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def test_hyper_cleaning_smoke(tmp_path):
+    rows = hyper_cleaning.main(["--smoke", "--out", str(tmp_path), "--no-progress"])
+    for name in ("hyper_cleaning.json", "hyper_cleaning.csv", "history.csv", "hyper_cleaning.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    methods = {(r["method"].split(" ")[0], r["model"]) for r in rows}
+    # Smoke runs every method on the linear model and the first one (implicit) on the NNX MLP.
+    expected = {(m, "linear") for m in ("implicit", "soba", "truncated", "noisy", "oracle")}
+    expected |= {(m, "mlp") for m in ("implicit", "noisy", "oracle")}
+    assert methods == expected
+    for r in rows:
+        assert 0.0 <= r["test_error"] <= 1.0
+        assert _finite(r["wall_s"]) and r["wall_s"] > 0
+        if r["method"] in hyper_cleaning.METHODS:
+            assert 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
+            assert r["skipped"] == 0
+    data = json.loads((tmp_path / "hyper_cleaning.json").read_text())
+    assert data["n_corrupted"] == 1500
+    # Even a few hypergradient steps on the full-batch linear model flag mostly corrupted labels.
+    implicit = next(r for r in rows if r["method"] == "implicit" and r["model"] == "linear")
+    assert implicit["precision"] > 0.7
+
+
+def test_corrupted_labels_are_wrong():
+    import numpy as np
+
+    y = np.arange(1000) % 10
+    noisy, mask = hyper_cleaning.corrupt_labels(y, 0.5, seed=0)
+    assert mask.sum() == 500
+    assert np.all(noisy[mask] != y[mask]) and np.all(noisy[~mask] == y[~mask])
+
+
+def test_weight_decay_smoke(tmp_path):
+    rows = weight_decay.main(["--smoke", "--out", str(tmp_path), "--no-progress"])
+    for name in ("weight_decay.json", "weight_decay.csv", "trials.csv", "weight_decay.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) == {
+        "bilevel implicit",
+        "bilevel forward",
+        "fixed (initial h)",
+        "optuna tpe",
+        "optuna random",
+    }
+    for r in rows:
+        assert _finite(r["val_loss"]) and 0 < r["val_loss"] < 10
+        assert 0.0 <= r["test_acc"] <= 1.0
+        assert r["wd0"] > 0 and 0 < r["smoothing"] < 0.5
+    data = json.loads((tmp_path / "weight_decay.json").read_text())
+    for r in data["results"]:
+        if r["method"].startswith("bilevel"):
+            assert r["skipped"] == 0  # every hypergradient was finite
+    # The black-box searches ran several trials within their budget.
+    assert by_method["optuna tpe"]["runs"] >= 2 and by_method["optuna random"]["runs"] >= 2
+    assert data["budget_s"] > 0
+
+
+@pytest.mark.parametrize("module", [hyper_cleaning, weight_decay])
+def test_help_exits_cleanly(module, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    assert e.value.code == 0
+    assert "--smoke" in capsys.readouterr().out
