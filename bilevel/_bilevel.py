@@ -152,6 +152,12 @@ class BilevelOptimizer:
     - ``bilevel.Forward(decay)`` - forward mode through every inner step since the start
       (RTHO / MARTHE); see :class:`Forward`.
 
+    Differentiating *through* inner steps (Truncated, Unrolled, Forward) differentiates the inner
+    optimizer too: ``optax.adam`` with its default ``eps_root=0`` has an infinite derivative
+    where a gradient entry is exactly zero (``sqrt`` at 0), which makes the hypergradient NaN and
+    every outer step skipped (``metrics["skipped"]`` counts them). Use
+    ``optax.adam(lr, eps_root=1e-8)`` there.
+
     Randomness (dropout, augmentation) reaches the losses inside the batch (the library-wide loss
     convention is ``loss(params, h, batch)``): put a key in each batch, e.g. with
     :func:`minibatches`. A non-finite inner step is not applied and a non-finite hypergradient
@@ -287,7 +293,9 @@ class BilevelOptimizer:
 
         Args:
           state: current state.
-          inner_batches: pytree whose leaves have a leading axis of length ``inner_steps``.
+          inner_batches: pytree whose leaves have a leading axis of length ``inner_steps`` (one
+            batch per inner step), or of length 1: one batch (e.g. the full training set) reused
+            by every inner step without copying it.
           outer_batch: one validation batch.
 
         Returns:
@@ -322,11 +330,17 @@ class BilevelOptimizer:
         if not leaves:
             raise ValueError("inner_batches is empty")
         for leaf in leaves:
-            if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != self.inner_steps:
+            if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] not in (self.inner_steps, 1):
                 raise ValueError(
                     f"every leaf of inner_batches needs a leading axis of length inner_steps="
-                    f"{self.inner_steps}; got shapes {jax.tree.map(jnp.shape, inner_batches)}"
+                    f"{self.inner_steps} (or 1: one batch reused by every inner step); got "
+                    f"shapes {jax.tree.map(jnp.shape, inner_batches)}"
                 )
+        if len({jnp.shape(leaf)[0] for leaf in leaves}) > 1:
+            raise ValueError(
+                "the leaves of inner_batches disagree on their leading axis: "
+                f"{jax.tree.map(jnp.shape, inner_batches)}"
+            )
 
     def _inner_update(self, params, inner_state, u, batch):
         """One guarded inner step: returns new params/state, loss, whether it was applied."""
@@ -339,13 +353,15 @@ class BilevelOptimizer:
             batch,
         )
 
-    def _run_inner(self, params, inner_state, u, batches):
+    def _run_inner(self, params, inner_state, u, batches, length):
         def body(carry, batch):
             p, s = carry
             p, s, value, ok = self._inner_update(p, s, u, batch)
             return (p, s), (value, ok)
 
-        (params, inner_state), (values, oks) = lax.scan(body, (params, inner_state), batches)
+        (params, inner_state), (values, oks) = _scan_batches(
+            body, (params, inner_state), batches, length
+        )
         return params, inner_state, values, jnp.sum(~oks).astype(jnp.int32)
 
     def _outer_grads(self, params, u, outer_batch):
@@ -358,7 +374,7 @@ class BilevelOptimizer:
     def _step_implicit(self, state, inner_batches, outer_batch):
         u = state.hparams
         params, inner_state, values, n_bad = self._run_inner(
-            state.params, state.inner_state, u, inner_batches
+            state.params, state.inner_state, u, inner_batches, self.inner_steps
         )
         last = jax.tree.map(lambda a: a[-1], inner_batches)
         g, v, stats, outer_value, outer_aux = implicit_hypergradient(
@@ -387,15 +403,15 @@ class BilevelOptimizer:
     def _step_truncated(self, state, inner_batches, outer_batch, k):
         u = state.hparams
         n = self.inner_steps
-        head = jax.tree.map(lambda a: a[: n - k], inner_batches)
-        tail = jax.tree.map(lambda a: a[n - k :], inner_batches)
+        head = _window(inner_batches, 0, n - k)
+        tail = _window(inner_batches, n - k, n)
         params, inner_state, head_values, head_bad = self._run_inner(
-            state.params, state.inner_state, u, head
+            state.params, state.inner_state, u, head, n - k
         )
         params, inner_state = lax.stop_gradient((params, inner_state))
 
         def window(u):
-            p, s, values, bad = self._run_inner(params, inner_state, u, tail)
+            p, s, values, bad = self._run_inner(params, inner_state, u, tail, k)
             value, aux = self._outer(p, hp.constrain(self.space, u), outer_batch)
             return value, (p, s, values, bad, aux)
 
@@ -438,8 +454,8 @@ class BilevelOptimizer:
             return (p2, s2, zp2, zs2), (value, ok)
 
         zp, zs = state.method_state
-        (p, s, zp, zs), (values, oks) = lax.scan(
-            body, (state.params, state.inner_state, zp, zs), inner_batches
+        (p, s, zp, zs), (values, oks) = _scan_batches(
+            body, (state.params, state.inner_state, zp, zs), inner_batches, self.inner_steps
         )
         outer_value, outer_aux, g_w, g_u = self._outer_grads(p, u, outer_batch)
         # g = Z_w^T grad_w L_V + grad_u L_V, one entry per hyperparameter direction.
@@ -492,6 +508,21 @@ class BilevelOptimizer:
         if self.has_aux:
             metrics["inner_aux"], metrics["outer_aux"] = aux
         return state, metrics
+
+
+def _scan_batches(body, carry, batches, length):
+    """``lax.scan`` over stacked batches, or over ``length`` steps of one batch (leading axis 1)."""
+    if jnp.shape(jax.tree.leaves(batches)[0])[0] == 1 and length != 1:
+        batch = jax.tree.map(lambda a: a[0], batches)
+        return lax.scan(lambda c, _: body(c, batch), carry, None, length=length)
+    return lax.scan(body, carry, batches)
+
+
+def _window(batches, start, stop):
+    """Inner steps ``start:stop`` of stacked batches (a shared batch is its own window)."""
+    if jnp.shape(jax.tree.leaves(batches)[0])[0] == 1:
+        return batches
+    return jax.tree.map(lambda a: a[start:stop], batches)
 
 
 def _guarded_step(inner, optimizer, params, opt_state, h, batch):

@@ -242,6 +242,10 @@ def argmin(
     w.r.t. ``*args`` (and anything ``fun`` closes over) as the ``adjoint`` says; ``init_params``
     gets no derivative under :class:`Implicit`.
 
+    :class:`Unrolled` and :class:`Truncated` differentiate the optimizer itself: use
+    ``optax.adam(lr, eps_root=1e-8)`` rather than the default ``eps_root=0``, whose ``sqrt`` has
+    an infinite derivative where a gradient entry is exactly zero.
+
     Args:
       fun: scalar objective ``fun(params, *args)``.
       init_params: starting point (pytree of floating arrays).

@@ -526,3 +526,21 @@ def test_data_parallel_sharding_matches_single_device():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "SHARDING OK" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "method",
+    [solvers.Implicit(), solvers.Truncated(steps=2), solvers.Unrolled(), bilevel.Forward()],
+    ids=["implicit", "truncated", "unrolled", "forward"],
+)
+def test_shared_inner_batch_equals_repeated_batches(method):
+    X, y, Xv, yv = ridge_problem(np.float32)
+    opt = make_opt(method, inner_steps=4)
+    step = jax.jit(opt.step)
+    a = b = opt.init(jnp.zeros(X.shape[1]))
+    for _ in range(3):
+        a, ma = step(a, full_batches(X, y, 4), (Xv, yv))
+        b, mb = step(b, (X[None], y[None]), (Xv, yv))
+    np.testing.assert_allclose(a.hparams["lam"], b.hparams["lam"], rtol=1e-6)
+    np.testing.assert_allclose(a.params, b.params, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ma["inner_loss"], mb["inner_loss"], rtol=1e-6)
