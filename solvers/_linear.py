@@ -128,7 +128,7 @@ class CG(LinearSolver):
     Stops when ``||r_k|| <= tol ||b||``, after ``maxiter`` iterations (one matvec each), or at a
     direction of non-positive curvature (``p^T A p <= 0``: ``A`` is not positive definite, as a
     neural network's Hessian often is not), reporting ``converged=False`` (truncated CG). It
-    returns the iterate of smallest residual (on a positive-definite system, normally the last).
+    returns the last iterate, or, after non-positive curvature, the iterate of smallest residual.
     Add ``ridge`` damping to make indefinite systems solvable.
 
     Args:
@@ -174,15 +174,20 @@ class CG(LinearSolver):
             r = T.tree_add_scaled(r, -alpha, ap)
             rs_new = jnp.where(curved, T.tree_vdot(r, r), rs)
             p = T.tree_add_scaled(r, rs_new / rs, p)
-            # Keep the iterate of smallest residual: on an indefinite operator the residual
-            # of CG can grow, and the answer must never be worse than the start.
+            # Track the iterate of smallest residual, the answer when curvature fails: on an
+            # indefinite operator the residual of CG can grow past that of the start.
             better = rs_new <= rs_best
             x_best = T.tree_select(better, x, x_best)
             rs_best = jnp.where(better, rs_new, rs_best)
             return x, r, p, rs_new, k + 1, curved, x_best, rs_best
 
         init = (x0, r0, r0, rs0, jnp.asarray(0, jnp.int32), jnp.asarray(True), x0, rs0)
-        *_, k, _, x, rs = lax.while_loop(cond, body, init)
+        x, _, _, rs, k, curved, x_best, rs_best = lax.while_loop(cond, body, init)
+        # The standard CG answer is the last iterate (smallest error in the A-norm on a
+        # positive-definite system, even while the residual is still large); only a run that met
+        # non-positive curvature falls back to its smallest-residual iterate.
+        x = T.tree_select(curved, x, x_best)
+        rs = jnp.where(curved, rs, rs_best)
         return x, k, jnp.sqrt(rs)
 
 

@@ -207,3 +207,15 @@ def test_a_bad_warm_start_is_replaced_by_zero(name):
         np.testing.assert_allclose(x, cold_x, rtol=1e-10)
         x, _ = SPD_SOLVERS[name](lambda v: A @ v, jnp.asarray(b), init=jnp.full(len(b), jnp.nan))
         np.testing.assert_allclose(x, cold_x, rtol=1e-10)
+
+
+def test_early_stopped_cg_returns_the_last_iterate_like_scipy():
+    # On a positive-definite system the residual of CG can exceed ||b|| for many iterations while
+    # the error keeps shrinking: the answer is the last iterate, as in jax.scipy's CG.
+    with jax.enable_x64(True):
+        A = jnp.diag(jnp.logspace(0, -4, 200))
+        b = jnp.ones(200)
+        x, stats = solvers.cg(maxiter=40, tol=0.0)(lambda v: A @ v, b)
+        ref, _ = jax.scipy.sparse.linalg.cg(lambda v: A @ v, b, maxiter=40, tol=0.0)
+        np.testing.assert_allclose(x, ref, rtol=1e-8)
+        assert float(stats.residual) > 1.0  # the residual really is above ||b|| here
