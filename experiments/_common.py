@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -16,7 +17,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 RESULTS_ROOT = Path("results")
 
@@ -137,6 +140,31 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class MLP(nnx.Module):
+    """A ReLU multilayer perceptron ``sizes[0] -> ... -> sizes[-1]`` (Flax NNX).
+
+    Its layers are ``model.layers[i]`` (``nnx.Linear``), so per-layer hyperparameters address
+    ``params["layers"][i]["kernel"]`` after ``bilevel.nnx_apply_fn(model)``.
+    """
+
+    def __init__(self, sizes: Sequence[int], *, rngs: nnx.Rngs):
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)])
+
+    def __call__(self, x):
+        for layer in self.layers[:-1]:
+            x = nnx.relu(layer(x))
+        return self.layers[-1](x)
+
+
+def logistic_loss(w, X, y):
+    """Mean binary cross-entropy of a linear model with logits ``X @ w`` (labels in {0, 1})."""
+    logits = X @ w
+    return jnp.mean(jnp.logaddexp(0.0, logits) - y * logits)
 
 
 # ----------------------------------------------------------------------------- data

@@ -31,7 +31,6 @@ recall of flagging corrupted examples (flag = weight < 0.5), and a final table.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -73,24 +72,12 @@ def corrupt_labels(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarra
 # ----------------------------------------------------------------------------- models
 
 
-class MLP(nnx.Module):
-    """A ReLU multilayer perceptron ``sizes[0] -> ... -> sizes[-1]``."""
-
-    def __init__(self, sizes: list[int], *, rngs: nnx.Rngs):
-        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)])
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers[:-1]:
-            x = nnx.relu(layer(x))
-        return self.layers[-1](x)
-
-
 def make_model(name: str, hidden: int, seed: int) -> tuple[Callable, Any]:
     """``(apply_fn(params, x) -> logits, params)`` for the linear model or the NNX MLP."""
     if name == "linear":
         params = {"w": jnp.zeros((784, 10)), "b": jnp.zeros(10)}
         return (lambda p, x: x @ p["w"] + p["b"]), params
-    return bilevel.nnx_apply_fn(MLP([784, hidden, 10], rngs=nnx.Rngs(seed)))
+    return bilevel.nnx_apply_fn(_common.MLP([784, hidden, 10], rngs=nnx.Rngs(seed)))
 
 
 def sq_norm(params) -> jax.Array:

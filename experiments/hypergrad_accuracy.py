@@ -48,6 +48,7 @@ import numpy as np
 import optax
 
 import solvers
+from experiments import _common
 from experiments._common import (
     load_breast_cancer,
     make_parser,
@@ -83,15 +84,10 @@ def ridge_val(w, X, y):
 
 def logistic_inner(w, log_lam, X, y):
     """Mean logistic loss + 0.5 sum(exp(log_lam) * w^2) (labels in {0, 1})."""
-    logits = X @ w
-    return jnp.mean(jnp.logaddexp(0.0, logits) - y * logits) + 0.5 * jnp.sum(
-        jnp.exp(log_lam) * w**2
-    )
+    return _common.logistic_loss(w, X, y) + 0.5 * jnp.sum(jnp.exp(log_lam) * w**2)
 
 
-def logistic_val(w, X, y):
-    logits = X @ w
-    return jnp.mean(jnp.logaddexp(0.0, logits) - y * logits)
+logistic_val = _common.logistic_loss
 
 
 class Problem(NamedTuple):

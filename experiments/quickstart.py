@@ -20,7 +20,6 @@ validation set.
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import jax
@@ -86,22 +85,11 @@ def nnx_section(smoke: bool, seed: int, out, show_progress: bool) -> list[dict]:
     import bilevel
     from bilevel import hparams as H
 
-    class MLP(nnx.Module):
-        def __init__(self, sizes, *, rngs):
-            self.layers = nnx.List(
-                [nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)]
-            )
-
-        def __call__(self, x):
-            for layer in self.layers[:-1]:
-                x = nnx.relu(layer(x))
-            return self.layers[-1](x)
-
     data = _common.load_digits(seed=seed)
     train = (jnp.asarray(data.x_train), jnp.asarray(data.y_train))
     val = (jnp.asarray(data.x_val), jnp.asarray(data.y_val))
     test = (jnp.asarray(data.x_test), jnp.asarray(data.y_test))
-    apply_fn, params = bilevel.nnx_apply_fn(MLP([64, 128, 128, 10], rngs=nnx.Rngs(seed)))
+    apply_fn, params = bilevel.nnx_apply_fn(_common.MLP([64, 128, 128, 10], rngs=nnx.Rngs(seed)))
     n_layers = 3
 
     def xent(p, batch):

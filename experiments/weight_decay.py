@@ -34,7 +34,6 @@ the ``@ref`` columns read the curves at the implicit run's wall time; and the hy
 
 from __future__ import annotations
 
-import itertools
 import time
 import warnings
 from typing import Any
@@ -54,23 +53,11 @@ METHODS = ("implicit", "forward")
 SEARCHES = ("tpe", "random")
 
 
-class MLP(nnx.Module):
-    """A ReLU multilayer perceptron ``sizes[0] -> ... -> sizes[-1]``."""
-
-    def __init__(self, sizes: list[int], *, rngs: nnx.Rngs):
-        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)])
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for layer in self.layers[:-1]:
-            x = nnx.relu(layer(x))
-        return self.layers[-1](x)
-
-
 class Problem:
     """Model, losses, data sampler and evaluation shared by the bilevel runs and the trials."""
 
     def __init__(self, args, split: _common.Split):
-        model = MLP([784, args.hidden, args.hidden, 10], rngs=nnx.Rngs(args.seed))
+        model = _common.MLP([784, args.hidden, args.hidden, 10], rngs=nnx.Rngs(args.seed))
         self.apply_fn, self.params0 = bilevel.nnx_apply_fn(model)
         self.n_layers = 3
         self.train = {"x": jnp.asarray(split.x_train), "y": jnp.asarray(split.y_train)}
