@@ -119,7 +119,8 @@ def main(argv=None):
 
         return jax.lax.scan(body, (params, opt_state), batches)[0]
 
-    fns = {"plain": lambda: plain(params0, inner_opt.init(params0), batches)}
+    opt_state0 = inner_opt.init(params0)
+    fns = {"plain": lambda: plain(params0, opt_state0, batches)}
     for name, method in methods.items():
         opt = bilevel.BilevelOptimizer(
             inner_loss,
