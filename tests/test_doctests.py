@@ -5,12 +5,21 @@ import importlib
 
 import pytest
 
-MODULES = ["solvers._linear", "solvers._implicit", "solvers._argmin", "bilevel.hparams"]
+MODULES = [
+    "solvers._linear",
+    "solvers._implicit",
+    "solvers._argmin",
+    "bilevel.hparams",
+    "bilevel._bilevel",
+    "bilevel._utils",
+    "bilevel._hd",
+    "bilevel._hyper_adapt",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
     module = importlib.import_module(name)
-    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
     assert result.failed == 0
     assert result.attempted > 0
