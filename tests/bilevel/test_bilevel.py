@@ -544,3 +544,37 @@ def test_shared_inner_batch_equals_repeated_batches(method):
     np.testing.assert_allclose(a.hparams["lam"], b.hparams["lam"], rtol=1e-6)
     np.testing.assert_allclose(a.params, b.params, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(ma["inner_loss"], mb["inner_loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [solvers.Implicit(), solvers.Truncated(steps=2), bilevel.Forward()],
+    ids=["implicit", "truncated", "forward"],
+)
+def test_has_aux_losses(method):
+    X, y, Xv, yv = ridge_problem(np.float32)
+
+    def inner(w, h, b):
+        return inner_loss(w, h, b), {"w_norm": jnp.linalg.norm(w)}
+
+    def outer(w, h, b):
+        return outer_loss(w, h, b), {"max_abs_err": jnp.max(jnp.abs(b[0] @ w - b[1]))}
+
+    opt = bilevel.BilevelOptimizer(
+        inner,
+        outer,
+        inner_optimizer=optax.sgd(ETA),
+        outer_optimizer=optax.adam(0.05),
+        space={"lam": H.log(0.01)},
+        method=method,
+        inner_steps=3,
+        has_aux=True,
+    )
+    plain = make_opt(method, inner_steps=3)
+    a, ma = opt.step(opt.init(jnp.zeros(X.shape[1])), full_batches(X, y, 3), (Xv, yv))
+    b, mb = plain.step(plain.init(jnp.zeros(X.shape[1])), full_batches(X, y, 3), (Xv, yv))
+    np.testing.assert_allclose(a.hparams["lam"], b.hparams["lam"], rtol=1e-6)
+    np.testing.assert_allclose(ma["inner_aux"]["w_norm"], jnp.linalg.norm(a.params), rtol=1e-5)
+    want = jnp.max(jnp.abs(Xv @ a.params - yv))
+    np.testing.assert_allclose(ma["outer_aux"]["max_abs_err"], want, rtol=1e-5)
+    assert "inner_aux" not in mb
