@@ -4,7 +4,7 @@ Hyperparameters (weight decay, dropout, per-example weights, learning rates, ...
 hypergradients computed through the inner training problem with :mod:`solvers`.
 """
 
-from bilevel import hparams
+from bilevel import hparams, stn
 from bilevel._bilevel import (
     BilevelOptimizer,
     BilevelState,
@@ -37,6 +37,7 @@ __all__ = [
     "__version__",
     "hd_adam",
     "hparams",
+    "stn",
     "hd_sgd",
     "hyper_adapt",
     "hypergradient_lr",

@@ -5,6 +5,8 @@
    by ``bilevel.BilevelOptimizer`` (see :func:`nnx_section`).
 3. ``hd``: ``bilevel.hd_adam`` vs ``optax.adam`` from a badly chosen learning rate
    (``experiments.hd_optimizers.quickstart_section``).
+4. ``stn``: a short Self-Tuning Network run (``bilevel.stn``) tuning dropout rates and input
+   noise on digits, with its hyperparameter schedule (``experiments.stn_digits``).
 
 Section 1. Data: scikit-learn's breast cancer set (569 x 30), split 300 train / 135 validation / 134 test and
 standardized with training statistics. The inner problem fits a logistic regression with penalty
@@ -283,7 +285,7 @@ def l2_section(args, out) -> list[dict]:
     return rows
 
 
-SECTIONS = ("l2", "nnx", "hd")
+SECTIONS = ("l2", "nnx", "hd", "stn")
 
 
 def main(argv=None):
@@ -327,6 +329,14 @@ def main(argv=None):
         _common.print_table(
             results["hd"],
             title="3. Learning rate 100x too small: Adam vs hypergradient Adam (bilevel.hd_adam)",
+        )
+    if "stn" in args.sections:
+        from experiments import stn_digits
+
+        results["stn"] = stn_digits.quickstart_section(args.smoke, args.seed, out, show)
+        _common.print_table(
+            results["stn"],
+            title="4. Self-Tuning Network on digits: dropout and input noise tuned online",
         )
     _common.save_json(out / "summary.json", results)
     print(f"\nresults in {out}/")

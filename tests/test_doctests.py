@@ -14,6 +14,10 @@ MODULES = [
     "bilevel._utils",
     "bilevel._hd",
     "bilevel._hyper_adapt",
+    "bilevel.stn._layers",
+    "bilevel.stn._perturb",
+    "bilevel.stn._augment",
+    "bilevel.stn._trainer",
 ]
 
 

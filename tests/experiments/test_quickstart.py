@@ -22,6 +22,8 @@ def test_quickstart_smoke(tmp_path):
     assert len(results["nnx"]) == 2
     assert {r["method"] for r in results["hd"]} >= {"Adam", "Adam-HD"}
     assert (tmp_path / "hd_vs_adam.png").stat().st_size > 0
+    assert (tmp_path / "stn_digits_schedule.png").stat().st_size > 0
+    assert all(0.5 < r["test_acc"] <= 1.0 for r in results["stn"])
     assert json.loads((tmp_path / "summary.json").read_text()).keys() == results.keys()
 
 

@@ -1,0 +1,169 @@
+"""Benchmark: wall time per epoch of a Self-Tuning Network vs the same plain network.
+
+An epoch is ``--batches`` minibatches of ``--batch-size`` (default 40 x 128). The STN epoch runs
+them as ``batches / 5`` cycles of ``Trainer.step`` (5 train steps at per-example perturbed
+hyperparameters + 1 hyper step each, i.e. 20% extra validation steps); the plain epoch runs the
+same train steps on the same MLP built from ``nnx.Linear``, with the same dropout and input noise
+at fixed rates. Both are one jitted ``lax.scan`` per epoch, compiled beforehand, timed
+interleaved; the ratio of medians is printed. A per-example best-response layer does two matmuls
+(``W_e`` and ``W_r``) where a plain layer does one, so about 2x is expected; target <= 2.2x.
+
+    python -m experiments.bench_stn
+    python -m experiments.bench_stn --model cnn
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import bilevel
+from bilevel import stn
+from experiments import _common
+from experiments.stn_digits import PlainMlp, StnMlp, space, stn_losses, xent
+
+
+def _models(kind, width):
+    if kind == "mlp":
+        sizes = (64, width, width, 10)
+        return (
+            (lambda rngs: StnMlp(sizes, 3, rngs=rngs)),
+            (lambda rngs: PlainMlp(sizes, rngs=rngs)),
+            (64,),
+        )
+    from experiments.stn_mnist_cnn import PlainCnn, StnCnn
+
+    return (
+        (lambda rngs: StnCnn(3, width=width, rngs=rngs)),
+        (lambda rngs: PlainCnn(width=width, rngs=rngs)),
+        (28, 28, 1),
+    )
+
+
+def main(argv=None):
+    parser = _common.make_parser("bench_stn", __doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    parser.add_argument("--width", type=int, default=256, help="hidden units (mlp) / channels")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batches", type=int, default=40, help="train steps per epoch")
+    parser.add_argument("--reps", type=int, default=15, help="timed epochs of each network")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.width, args.batches, args.reps = 32, 10, 3
+    if args.batches % 5:
+        parser.error("--batches must be a multiple of 5 (train steps per STN cycle)")
+    out = _common.results_dir(args)
+    make_stn, make_plain, shape = _models(args.model, args.width)
+
+    n = args.batches * args.batch_size
+    rs = np.random.RandomState(args.seed)
+    x = jnp.asarray(rs.rand(n, *shape), jnp.float32)
+    y = jnp.asarray(rs.randint(0, 10, n), jnp.int32)
+    val = (x[: 4 * args.batch_size], y[: 4 * args.batch_size])
+
+    # --- STN: Trainer.fit, one chunk = one epoch.
+    trainer = stn.Trainer(
+        make_stn(nnx.Rngs(args.seed)),
+        space(),
+        *stn_losses(),
+        optimizer=optax.adam(1e-3),
+        hyper_optimizer=optax.adam(3e-3),
+        train_steps=5,
+    )
+    cycles = args.batches // 5
+    state = trainer.init(jax.random.key(args.seed))
+
+    def stn_epoch(state):
+        state, _ = trainer.fit(
+            state, (x, y), val, cycles=cycles, batch_size=args.batch_size, chunk=cycles
+        )
+        return jax.block_until_ready(state)
+
+    # --- plain network, same regularizers at fixed rates.
+    graphdef, params = nnx.split(make_plain(nnx.Rngs(args.seed)))
+    tx = optax.adam(1e-3)
+    rates = {"drop_in": 0.05, "drop_hidden": 0.05, "noise": 0.05}
+
+    def loss_fn(p, batch, key):
+        xb, yb = batch
+        m = nnx.merge(graphdef, p)
+        xb = stn.gaussian_noise(xb, rates["noise"], jax.random.fold_in(key, 1000))
+        return xent(m(xb, rates["drop_in"], rates["drop_hidden"], key), yb)
+
+    @jax.jit
+    def plain_epoch_fn(carry):
+        p, s, key, step = carry
+        batches = bilevel.minibatches((x, y), key, step, args.batch_size, args.batches)
+
+        def body(c, xs):
+            p, s = c
+            batch, i = xs
+            g = jax.grad(loss_fn)(p, batch, jax.random.fold_in(jax.random.fold_in(key, step), i))
+            u, s = tx.update(g, s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        (p, s), _ = jax.lax.scan(body, (p, s), (batches, jnp.arange(args.batches)))
+        return p, s, key, step + 1
+
+    plain = (params, tx.init(params), jax.random.key(args.seed), jnp.int32(0))
+
+    def plain_epoch(carry):
+        return jax.block_until_ready(plain_epoch_fn(carry))
+
+    state = stn_epoch(state)  # compile
+    plain = plain_epoch(plain)
+    t_stn, t_plain = [], []
+    for _ in _common.progress(range(args.reps), desc="bench", disable=args.no_progress):
+        t0 = time.perf_counter()
+        state = stn_epoch(state)
+        t_stn.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        plain = plain_epoch(plain)
+        t_plain.append(time.perf_counter() - t0)
+    med_stn, med_plain = statistics.median(t_stn), statistics.median(t_plain)
+    ratio = med_stn / med_plain
+    record = {
+        "model": args.model,
+        "width": args.width,
+        "batch_size": args.batch_size,
+        "batches_per_epoch": args.batches,
+        "stn_epoch_seconds": t_stn,
+        "plain_epoch_seconds": t_plain,
+        "stn_median": med_stn,
+        "plain_median": med_plain,
+        "ratio": ratio,
+        "target": 2.2,
+        "device": str(jax.devices()[0]),
+    }
+    _common.save_json(out / "bench_stn.json", record)
+    rows = [
+        {
+            "model": f"{args.model} (width {args.width})",
+            "plain_ms_per_epoch": 1e3 * med_plain,
+            "stn_ms_per_epoch": 1e3 * med_stn,
+            "ratio": ratio,
+            "target": "<= 2.2",
+        }
+    ]
+    _common.save_csv(out / "bench_stn.csv", rows)
+    plt = _common.pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.boxplot([np.array(t_plain) * 1e3, np.array(t_stn) * 1e3])
+    ax.set_xticks([1, 2], ["plain", "STN"])
+    ax.set(ylabel="ms per epoch", title=f"STN / plain = {ratio:.2f}x ({args.model})")
+    fig.tight_layout()
+    fig.savefig(out / "bench_stn.png", dpi=120)
+    plt.close(fig)
+    _common.print_table(rows, title="wall time per epoch (median of interleaved runs)")
+    print(f"STN / plain ratio: {ratio:.2f}x (target <= 2.2x)")
+    return record
+
+
+if __name__ == "__main__":
+    main()
