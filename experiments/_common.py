@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -159,6 +160,26 @@ class MLP(nnx.Module):
         for layer in self.layers[:-1]:
             x = nnx.relu(layer(x))
         return self.layers[-1](x)
+
+
+def dense_mlp_init(key, sizes: Sequence[int], *, zero_linear: bool = False) -> list[dict]:
+    """He-initialized weights of a ReLU MLP as a plain pytree ``[{"w", "b"}, ...]``.
+
+    With ``zero_linear`` a model without hidden layer (logistic regression) starts at zero.
+    """
+    params = []
+    keys = jax.random.split(key, len(sizes) - 1)
+    for k, (n_in, n_out) in zip(keys, itertools.pairwise(sizes), strict=True):
+        scale = 0.0 if zero_linear and len(sizes) == 2 else jnp.sqrt(2.0 / n_in)
+        params.append({"w": jax.random.normal(k, (n_in, n_out)) * scale, "b": jnp.zeros(n_out)})
+    return params
+
+
+def dense_mlp(params: list[dict], x):
+    """Logits of the ReLU MLP of :func:`dense_mlp_init`."""
+    for layer in params[:-1]:
+        x = jax.nn.relu(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
 
 
 def logistic_loss(w, X, y):

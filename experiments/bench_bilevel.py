@@ -15,7 +15,6 @@ All timings are medians of interleaved repeats measured in one run.
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import jax
@@ -28,20 +27,8 @@ import solvers
 from bilevel import hparams as H
 from experiments import _common
 
-
-def mlp_init(key, sizes):
-    params = []
-    for k, (a, b) in zip(
-        jax.random.split(key, len(sizes) - 1), itertools.pairwise(sizes), strict=True
-    ):
-        params.append({"w": jax.random.normal(k, (a, b)) * jnp.sqrt(2.0 / a), "b": jnp.zeros(b)})
-    return params
-
-
-def mlp(params, x):
-    for layer in params[:-1]:
-        x = jax.nn.relu(x @ layer["w"] + layer["b"])
-    return x @ params[-1]["w"] + params[-1]["b"]
+mlp_init = _common.dense_mlp_init
+mlp = _common.dense_mlp
 
 
 def xent(params, x, y):

@@ -13,16 +13,16 @@ steps per optimizer, and a ratio is the median over rounds of the paired per-rou
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import bilevel
 from experiments._common import (
+    dense_mlp,
+    dense_mlp_init,
     make_parser,
     print_table,
     progress,
@@ -55,25 +55,11 @@ OPTIMIZERS = {
 }
 
 
-def init_mlp(key, sizes):
-    params = []
-    keys = jax.random.split(key, len(sizes) - 1)
-    for k, (n_in, n_out) in zip(keys, itertools.pairwise(sizes), strict=True):
-        params.append(
-            {
-                "w": jax.random.normal(k, (n_in, n_out)) * jnp.sqrt(2.0 / n_in),
-                "b": jnp.zeros(n_out),
-            }
-        )
-    return params
+init_mlp = dense_mlp_init
 
 
 def mlp_loss(params, x, y):
-    h = x
-    for layer in params[:-1]:
-        h = jax.nn.relu(h @ layer["w"] + layer["b"])
-    logits = h @ params[-1]["w"] + params[-1]["b"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(dense_mlp(params, x), y).mean()
 
 
 def make_step(tx):

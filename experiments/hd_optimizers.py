@@ -17,7 +17,6 @@ over seeds); plotted: validation-loss curves and the learning-rate trajectories 
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,8 @@ import optax
 
 import bilevel
 from experiments._common import (
+    dense_mlp,
+    dense_mlp_init,
     load_digits,
     load_mnist5k,
     make_parser,
@@ -74,19 +75,11 @@ HD_METHODS = [m for m, (_, base, _) in METHODS.items() if base is not None]
 
 
 def init_model(key, sizes):
-    params = []
-    keys = jax.random.split(key, len(sizes) - 1)
-    for k, (n_in, n_out) in zip(keys, itertools.pairwise(sizes), strict=True):
-        scale = jnp.sqrt(2.0 / n_in) if len(sizes) > 2 else 0.0  # logistic regression: zeros
-        params.append({"w": jax.random.normal(k, (n_in, n_out)) * scale, "b": jnp.zeros(n_out)})
-    return params
+    # Logistic regression starts at zero, MLPs He-initialized.
+    return dense_mlp_init(key, sizes, zero_linear=True)
 
 
-def logits_fn(params, x):
-    h = x
-    for layer in params[:-1]:
-        h = jax.nn.relu(h @ layer["w"] + layer["b"])
-    return h @ params[-1]["w"] + params[-1]["b"]
+logits_fn = dense_mlp
 
 
 def loss_fn(params, x, y):

@@ -9,18 +9,14 @@ from flax import nnx
 
 from bilevel import hparams, stn
 from bilevel._checkpoint import restore_checkpoint, save_checkpoint
+from experiments.stn_ridge import make_data
 
 # ----------------------------------------------------------------------------- ridge known answer
 
 
 def _ridge_data(n_train=50, n_val=200, dim=15, noise=4.0, data_seed=5):
-    rs = np.random.RandomState(data_seed)
-    w = rs.randn(dim)
-    x_train = rs.randn(n_train, dim)
-    y_train = x_train @ w + noise * rs.randn(n_train)
-    x_val = rs.randn(n_val, dim)
-    y_val = x_val @ w + noise * rs.randn(n_val)
-    return x_train, y_train, x_val, y_val
+    # The instance the issue specifies (and experiments.stn_ridge draws).
+    return make_data(n_train, n_val, dim, noise, data_seed)
 
 
 def _ridge_w(x, y, lam):
