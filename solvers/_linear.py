@@ -120,7 +120,23 @@ def _initial_residual(matvec, b, x0):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CG(LinearSolver):
+class _ShortRecurrence(LinearSolver):
+    """Shared configuration of CG and BiCGSTAB: ``maxiter`` (default: the unknowns) and ``tol``."""
+
+    maxiter: int | None = None
+    tol: float = 1e-5
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_int("maxiter", self.maxiter, 1, allow_none=True)
+        _check_nonneg("tol", self.tol)
+
+    def _maxiter(self, b) -> int:
+        return self.maxiter if self.maxiter is not None else T.tree_size(b)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CG(_ShortRecurrence):
     r"""Conjugate gradients for symmetric positive-definite ``A`` (Hestenes & Stiefel, 1952).
 
     .. math:: x_{k+1} = x_k + \alpha_k p_k,\quad \alpha_k = \frac{r_k^\top r_k}{p_k^\top A p_k}
@@ -144,16 +160,8 @@ class CG(LinearSolver):
       (Array([0.5 , 0.25], dtype=float32), True)
     """
 
-    maxiter: int | None = None
-    tol: float = 1e-5
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_int("maxiter", self.maxiter, 1, allow_none=True)
-        _check_nonneg("tol", self.tol)
-
     def _solve(self, matvec, b, x0, bnorm):
-        maxiter = self.maxiter if self.maxiter is not None else T.tree_size(b)
+        maxiter = self._maxiter(b)
         x0, r0 = _initial_residual(matvec, b, x0)
         rs0 = T.tree_vdot(r0, r0)
         atol2 = (self.tol * bnorm) ** 2
@@ -412,7 +420,7 @@ class GMRES(LinearSolver):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BiCGStab(LinearSolver):
+class BiCGStab(_ShortRecurrence):
     r"""Stabilized bi-conjugate gradients for general ``A`` (van der Vorst, 1992).
 
     Two matvecs per iteration; short recurrences, so memory does not grow with iterations.
@@ -430,16 +438,8 @@ class BiCGStab(LinearSolver):
       Array([1., 1.], dtype=float32)
     """
 
-    maxiter: int | None = None
-    tol: float = 1e-5
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_int("maxiter", self.maxiter, 1, allow_none=True)
-        _check_nonneg("tol", self.tol)
-
     def _solve(self, matvec, b, x0, bnorm):
-        maxiter = self.maxiter if self.maxiter is not None else T.tree_size(b)
+        maxiter = self._maxiter(b)
         x0, r0 = _initial_residual(matvec, b, x0)
         dtype = T.result_dtype(b)
         one = jnp.ones((), dtype)
