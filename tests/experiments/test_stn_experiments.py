@@ -88,3 +88,13 @@ def test_help_exits_cleanly(module, capsys):
         module.main(["--help"])
     assert e.value.code == 0
     assert "--smoke" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_stn_ridge_default_run_reaches_the_known_answer(tmp_path):
+    # The full default experiment (about 10 s per variant): both variants end within 1.5x of the
+    # closed-form optimum with a response Jacobian aligned to -2 H^-1 w*.
+    record = stn_ridge.main(["--out", str(tmp_path), "--no-progress"])
+    for variant, r in record["variants"].items():
+        assert 1 / 1.5 < r["ratio"] < 1.5, (variant, r["ratio"])
+        assert r["jacobian_cosine"] > 0.9, (variant, r["jacobian_cosine"])
