@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 from jax.flatten_util import ravel_pytree
@@ -250,8 +251,9 @@ class BilevelOptimizer:
         else:
             hp.constrain(self.space, hparams)  # structure and shape check, names the entry
             u = jax.tree.map(lambda a, ref: jnp.asarray(a, ref.dtype), hparams, self._u0)
+            # NumPy, not jnp: inside an outer jit even concrete values would be staged out.
             if T.is_concrete(u) and not all(
-                bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u)
+                np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(u)
             ):
                 raise ValueError("hparams contains non-finite values")
         if isinstance(self.method, solvers.Implicit):

@@ -578,3 +578,13 @@ def test_has_aux_losses(method):
     want = jnp.max(jnp.abs(Xv @ a.params - yv))
     np.testing.assert_allclose(ma["outer_aux"]["max_abs_err"], want, rtol=1e-5)
     assert "inner_aux" not in mb
+
+
+def test_init_inside_jit_and_nonfinite_hparams():
+    X = ridge_problem(np.float32)[0]
+    opt = make_opt(solvers.Implicit(), inner_steps=2)
+    u = H.unconstrain(opt.space, {"lam": 0.1})
+    state = jax.jit(lambda p: opt.init(p, hparams=u))(jnp.zeros(X.shape[1]))
+    np.testing.assert_allclose(opt.hparams(state)["lam"], 0.1, rtol=1e-6)
+    with pytest.raises(ValueError, match="non-finite"):
+        opt.init(jnp.zeros(X.shape[1]), hparams={"lam": jnp.float32(jnp.nan)})
