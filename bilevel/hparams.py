@@ -262,8 +262,11 @@ def init(space: PyTree) -> PyTree:
     leaves, treedef = _specs(space)
     out = []
     for path, spec in leaves:
-        u = spec.unconstrain(jnp.asarray(spec.value))
-        if not bool(jnp.all(jnp.isfinite(u))):
+        # Specs hold concrete values: evaluate eagerly even when called under jit.
+        with jax.ensure_compile_time_eval():
+            u = spec.unconstrain(jnp.asarray(spec.value))
+            finite = bool(jnp.all(jnp.isfinite(u)))
+        if not finite:
             raise ValueError(
                 f"{_path_str(path)}: {spec!r} is too close to a bound to be "
                 "represented in its dtype"

@@ -96,3 +96,10 @@ def test_space_errors_name_the_entry():
         H.constrain(space, {"decay": jnp.zeros(3)})
     with pytest.raises(ValueError, match="empty"):
         H.init({})
+
+
+def test_init_works_inside_jit():
+    space = {"wd": H.log(1e-3), "p": H.unit(jnp.full(2, 0.3))}
+    inside = jax.jit(lambda: H.init(space))()
+    outside = H.init(space)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), inside, outside)
