@@ -83,13 +83,17 @@ class BilevelState(NamedTuple):
     key: jax.Array
 
 
-def _check_method(method: Any, inner_steps: int) -> None:
+def _check_method(method: Any, inner_steps: int | None = None) -> None:
     if not isinstance(method, solvers.Implicit | solvers.Unrolled | solvers.Truncated | Forward):
         raise TypeError(
             "method must be solvers.Implicit(...), solvers.Unrolled(), solvers.Truncated(steps=K) "
             f"or bilevel.Forward(...), got {method!r}"
         )
-    if isinstance(method, solvers.Truncated) and method.steps > inner_steps:
+    if (
+        inner_steps is not None
+        and isinstance(method, solvers.Truncated)
+        and (method.steps > inner_steps)
+    ):
         raise ValueError(
             f"Truncated(steps={method.steps}) cannot exceed inner_steps={inner_steps}: the online "
             "window is the current cycle of inner steps"
@@ -653,8 +657,7 @@ def hypergradient(
       0.5925...
     """
     method = solvers.Implicit() if method is None else method
-    if not isinstance(method, solvers.Implicit | solvers.Unrolled | solvers.Truncated | Forward):
-        _check_method(method, 1)
+    _check_method(method)
     inner = _call(_loss_value(inner_loss, False), "inner_loss", [])
     outer = _call(_loss_value(outer_loss, False), "outer_loss", [])
     if isinstance(method, solvers.Implicit):
