@@ -14,6 +14,8 @@ import numpy as np
 import optax
 from optax._src import numerics
 
+from solvers import _tree as T
+
 __all__ = ["HypergradientLRState", "hd_adam", "hd_sgd", "hypergradient_lr"]
 
 
@@ -93,11 +95,6 @@ def _lr_dtype(params: optax.Params) -> jnp.dtype:
         if jnp.issubdtype(leaf_dtype, jnp.floating):
             dtype = jnp.promote_types(dtype, leaf_dtype)
     return dtype
-
-
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def _hypergradient_stats(a, b, d, dtype, multiplicative):
@@ -275,7 +272,7 @@ def hypergradient_lr(
         if hyper_grads is not None:
             # a non-finite g_t already makes d_t, hence the fused sum, non-finite; this covers
             # directions that could map it to finite values.
-            finite = finite & _all_finite(grads)
+            finite = finite & T.tree_all_finite(grads)
         lr = optax.tree.where(finite, candidate, state.learning_rate)
 
         if per_leaf:

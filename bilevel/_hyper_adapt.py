@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
-from bilevel._hd import _all_finite, _check_bounds, _check_nonnegative, _concrete
+from bilevel._hd import _check_bounds, _check_nonnegative, _concrete
+from solvers import _tree as T
 
 __all__ = ["PROBABILITY_HYPERPARAMS", "HyperAdaptState", "hyper_adapt"]
 
@@ -233,9 +234,9 @@ def hyper_adapt(
             )
             beta = jnp.asarray(hyper_lr[name], h.dtype)
             candidate[name] = project(name, h - beta * dot)
-        finite = _all_finite(grads) & _all_finite(candidate)
+        finite = T.tree_all_finite(grads) & T.tree_all_finite(candidate)
         if hyper_grads is not None:
-            finite = finite & _all_finite(hyper_grads)
+            finite = finite & T.tree_all_finite(hyper_grads)
         new_h = {n: jnp.where(finite, candidate[n], hparams[n]) for n in names}
         base_state = state.inner_state._replace(hyperparams={**hparams, **new_h})
 

@@ -20,9 +20,11 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from bilevel import hparams as hp
+from bilevel._bilevel import _check_scalar
 from bilevel._utils import minibatches
 from bilevel.stn._layers import ResponseParam, mip_encoding, stn_layers
 from bilevel.stn._perturb import entropy, perturb, scale_from_param, scale_to_param
+from solvers import _tree as T
 
 __all__ = ["StnHparams", "Trainer", "TrainerState"]
 
@@ -108,19 +110,6 @@ class TrainerState(NamedTuple):
     train_skipped: jax.Array
     val_skipped: jax.Array
     key: jax.Array
-
-
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if _is_float(x)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
-def _is_float(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-
-
-def _select(ok, new, old):
-    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
 def _check_int(name, value, low=1):
@@ -436,8 +425,12 @@ class Trainer:
             if not self.tune_scales:
                 updates = (updates[0], jax.tree.map(jnp.zeros_like, updates[1]))
             new_u, new_rho = optax.apply_updates((u, rho), updates)
-            ok = jnp.isfinite(total) & _all_finite((g_u, g_rho)) & _all_finite((new_u, new_rho))
-            carry = _select(ok, (new_u, new_rho, new_hstate), (u, rho, hstate))
+            ok = (
+                jnp.isfinite(total)
+                & T.tree_all_finite((g_u, g_rho))
+                & T.tree_all_finite((new_u, new_rho))
+            )
+            carry = T.tree_select(ok, (new_u, new_rho, new_hstate), (u, rho, hstate))
             return carry, (value, ent, ok)
 
         (u, rho, hstate), (v_losses, ents, v_oks) = jax.lax.scan(
@@ -630,8 +623,8 @@ class Trainer:
                 grads, opt_state, params, value=value, grad=grads
             )
             new_params = optax.apply_updates(params, updates)
-            ok = jnp.isfinite(value) & _all_finite(grads) & _all_finite(new_params)
-            carry = _select(ok, (new_params, new_rest, new_opt), (params, rest, opt_state))
+            ok = jnp.isfinite(value) & T.tree_all_finite(grads) & T.tree_all_finite(new_params)
+            carry = T.tree_select(ok, (new_params, new_rest, new_opt), (params, rest, opt_state))
             return carry, (value, ok)
 
         (params, rest, opt_state), (losses, oks) = jax.lax.scan(
@@ -654,14 +647,6 @@ def _batch_size(batch) -> int:
     if not leaves or jnp.ndim(leaves[0]) == 0:
         raise ValueError("a batch needs at least one array with a leading example axis")
     return int(jnp.shape(leaves[0])[0])
-
-
-def _check_scalar(value, name):
-    if jnp.shape(value) != () or not jnp.issubdtype(jnp.result_type(value), jnp.floating):
-        raise TypeError(
-            f"{name} must return a real scalar, got shape {jnp.shape(value)} "
-            f"dtype {jnp.result_type(value)}"
-        )
 
 
 def _masked_mean(values, oks):
