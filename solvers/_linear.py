@@ -108,14 +108,14 @@ class LinearSolver:
         raise NotImplementedError
 
 
-def _initial_residual(matvec, b, x0):
+def _initial_residual(matvec, b, x0, bnorm):
     """Start point and its residual; a warm start worse than zero (or non-finite) is dropped."""
     zeros = T.tree_zeros_like(b)
     if x0 is None:
         return zeros, b
     r0 = T.tree_sub(b, matvec(x0))
     r0_norm = T.tree_norm(r0)
-    use = jnp.isfinite(r0_norm) & (r0_norm <= T.tree_norm(b))
+    use = jnp.isfinite(r0_norm) & (r0_norm <= bnorm)
     return T.tree_select(use, x0, zeros), T.tree_select(use, r0, b)
 
 
@@ -162,7 +162,7 @@ class CG(_ShortRecurrence):
 
     def _solve(self, matvec, b, x0, bnorm):
         maxiter = self._maxiter(b)
-        x0, r0 = _initial_residual(matvec, b, x0)
+        x0, r0 = _initial_residual(matvec, b, x0, bnorm)
         rs0 = T.tree_vdot(r0, r0)
         atol2 = (self.tol * bnorm) ** 2
 
@@ -245,7 +245,7 @@ class Neumann(LinearSolver):
             if (self.scale is None)
             else jnp.asarray(self.scale, T.result_dtype(b))
         )
-        x0, r0 = _initial_residual(matvec, b, x0)
+        x0, r0 = _initial_residual(matvec, b, x0, bnorm)
         atol = self.tol * bnorm
 
         def cond(carry):
@@ -328,7 +328,7 @@ class GMRES(LinearSolver):
         n = b_flat.shape[0]
         m = min(self.restart, n)
         mv = lambda v: ravel_pytree(matvec(unravel(v)))[0].astype(dtype)
-        x0, r0 = _initial_residual(matvec, b, x0)
+        x0, r0 = _initial_residual(matvec, b, x0, bnorm)
         x = ravel_pytree(x0)[0].astype(dtype)
         r = ravel_pytree(r0)[0].astype(dtype)
         atol = self.tol * bnorm
@@ -440,7 +440,7 @@ class BiCGStab(_ShortRecurrence):
 
     def _solve(self, matvec, b, x0, bnorm):
         maxiter = self._maxiter(b)
-        x0, r0 = _initial_residual(matvec, b, x0)
+        x0, r0 = _initial_residual(matvec, b, x0, bnorm)
         dtype = T.result_dtype(b)
         one = jnp.ones((), dtype)
         atol = self.tol * bnorm
