@@ -21,7 +21,7 @@ from jax.flatten_util import ravel_pytree
 
 import solvers
 from bilevel import hparams as hp
-from solvers import _tree as T
+from solvers import tree as T
 
 PyTree = Any
 

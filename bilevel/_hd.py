@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from optax._src import numerics
 
-from solvers import _tree as T
+from solvers import tree as T
 
 __all__ = ["HypergradientLRState", "hd_adam", "hd_sgd", "hypergradient_lr"]
 

@@ -15,7 +15,7 @@ import optax
 from optax._src import numerics
 
 from bilevel._hd import _check_bounds, _check_nonnegative, _concrete
-from solvers import _tree as T
+from solvers import tree as T
 
 __all__ = ["PROBABILITY_HYPERPARAMS", "HyperAdaptState", "hyper_adapt"]
 

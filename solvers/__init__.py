@@ -32,10 +32,10 @@ __all__ = [
     "neumann",
 ]
 
+from solvers import checks, tree
 from solvers._argmin import (
     ArgminInfo,
     Implicit,
-    Status,
     Truncated,
     Unrolled,
     argmin,
@@ -46,9 +46,16 @@ from solvers._implicit import (
     implicit_solution,
     root_vjp,
 )
+from solvers._status import GuardResult, Status, error_if_failed, guard, status_message
 
 __all__ += [
     "ArgminInfo",
+    "GuardResult",
+    "checks",
+    "error_if_failed",
+    "guard",
+    "status_message",
+    "tree",
     "Implicit",
     "Status",
     "Truncated",

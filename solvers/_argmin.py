@@ -12,7 +12,6 @@ How the solution is differentiated is a strategy object (an *adjoint*), not a fl
 from __future__ import annotations
 
 import dataclasses
-import enum
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,19 +23,12 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.interpreters import ad, batching, mlir
 
-from solvers import _tree as T
+from solvers import tree as T
 from solvers._implicit import implicit_solution
 from solvers._linear import CG, LinearSolver
+from solvers._status import Status
 
 PyTree = Any
-
-
-class Status(enum.IntEnum):
-    """Outcome codes reported in :class:`ArgminInfo` ``.status`` (an int32 array)."""
-
-    SUCCESS = 0  #: gradient norm reached ``tol`` (or ``tol`` is ``None`` and all values finite)
-    MAX_STEPS = 1  #: ``steps`` ran out before the gradient norm reached ``tol``
-    NONFINITE = 2  #: a non-finite loss or gradient appeared; the last finite iterate is returned
 
 
 class ArgminInfo(NamedTuple):

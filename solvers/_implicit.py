@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from solvers import _tree as T
+from solvers import tree as T
 from solvers._linear import CG, GMRES, LinearSolver
 
 PyTree = Any

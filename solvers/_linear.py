@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from solvers import _tree as T
+from solvers import tree as T
 
 PyTree = Any
 Matvec = Callable[[PyTree], PyTree]

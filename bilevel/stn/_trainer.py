@@ -24,7 +24,7 @@ from bilevel._bilevel import _check_scalar
 from bilevel._utils import minibatches
 from bilevel.stn._layers import ResponseParam, mip_encoding, stn_layers
 from bilevel.stn._perturb import entropy, perturb, scale_from_param, scale_to_param
-from solvers import _tree as T
+from solvers import tree as T
 
 __all__ = ["StnHparams", "Trainer", "TrainerState"]
 

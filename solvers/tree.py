@@ -1,4 +1,4 @@
-"""Small pytree helpers shared by the solvers (private)."""
+"""Pytree helpers shared by `solvers` and `bilevel` (public: ``solvers.tree``)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,12 @@ def tree_zeros_like(x: PyTree) -> PyTree:
 
 
 def tree_all_finite(x: PyTree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(x)]
+    """True when every floating leaf is free of NaN and inf (integer, bool and key leaves pass)."""
+    leaves = [
+        jnp.all(jnp.isfinite(a))
+        for a in jax.tree.leaves(x)
+        if jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+    ]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
