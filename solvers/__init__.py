@@ -33,23 +33,32 @@ __all__ = [
 ]
 
 from solvers import checks, tree
-from solvers._argmin import (
-    ArgminInfo,
-    Implicit,
-    Truncated,
-    Unrolled,
-    argmin,
-)
+from solvers._argmin import ArgminInfo, argmin
 from solvers._implicit import (
     custom_fixed_point,
     custom_root,
     implicit_solution,
     root_vjp,
 )
+from solvers._methods import (
+    AbstractMethod,
+    Forward,
+    Hypergradient,
+    Implicit,
+    InnerLoop,
+    Truncated,
+    Unrolled,
+    windowed_solve,
+)
 from solvers._status import GuardResult, Status, error_if_failed, guard, status_message
 
 __all__ += [
+    "AbstractMethod",
     "ArgminInfo",
+    "Forward",
+    "Hypergradient",
+    "InnerLoop",
+    "windowed_solve",
     "GuardResult",
     "checks",
     "error_if_failed",

@@ -11,7 +11,6 @@ How the solution is differentiated is a strategy object (an *adjoint*), not a fl
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,13 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from jax.extend import core as jex_core
-from jax.interpreters import ad, batching, mlir
 
+from solvers import checks
 from solvers import tree as T
-from solvers._implicit import implicit_solution
-from solvers._linear import CG, LinearSolver
-from solvers._status import Status
+from solvers._methods import AbstractMethod, Implicit, InnerLoop
+from solvers._status import Status, error_if_failed, guard
 
 PyTree = Any
 
@@ -47,113 +44,6 @@ class ArgminInfo(NamedTuple):
     status: jax.Array
 
 
-# ----------------------------------------------------------------------------- adjoints
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Implicit:
-    """Differentiate the solution by the implicit function theorem.
-
-    Args:
-      linear_solver: solver for the Hessian system (default ``solvers.cg()``).
-      warm_start: online loops reuse the previous linear solution as the initial guess (ignored by
-        a one-shot :func:`argmin`).
-    """
-
-    linear_solver: LinearSolver = dataclasses.field(default_factory=CG)
-    warm_start: bool = True
-
-    def __post_init__(self):
-        if not isinstance(self.linear_solver, LinearSolver):
-            raise TypeError(
-                f"linear_solver must be a solvers linear solver, got {self.linear_solver!r}"
-            )
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Unrolled:
-    """Differentiate through every inner step (reverse or forward mode).
-
-    Args:
-      checkpoint_every: rematerialize segments of this many steps (``jax.checkpoint``) in reverse
-        mode: memory ``O(T / k + k)`` instead of ``O(T)`` for about one extra forward pass.
-        ``~sqrt(steps)`` is the classic choice (Griewank, 1992). ``None``: store every step.
-    """
-
-    checkpoint_every: int | None = None
-
-    def __post_init__(self):
-        c = self.checkpoint_every
-        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
-            raise ValueError(f"checkpoint_every must be None or an int >= 1, got {c!r}")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Truncated:
-    """Differentiate through the last ``steps`` inner steps only (Shaban et al., AISTATS 2019).
-
-    The earlier steps run without derivatives (with early stopping at ``tol``); the last
-    ``steps`` steps always run and are differentiated.
-
-    Args:
-      steps: number ``K >= 1`` of differentiated steps.
-    """
-
-    steps: int
-
-    def __post_init__(self):
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"Truncated.steps must be an int >= 1, got {self.steps!r}")
-
-
-Adjoint = Implicit | Unrolled | Truncated
-
-
-# ----------------------------------------------------------------------------- guard for while loops
-
-_REVERSE_MESSAGE = (
-    "Reverse-mode differentiation (jax.grad / jax.vjp) through solvers.{adjoint} is not possible "
-    "here: the inner optimizer step contains a lax.while_loop (for example the line search of "
-    "optax.lbfgs). Use adjoint=solvers.Implicit(...) for reverse mode, or forward mode "
-    "(jax.jvp / jax.jacfwd) with this adjoint."
-)
-
-_no_reverse_p = jex_core.Primitive("solvers_no_reverse")
-_no_reverse_p.def_impl(lambda x, *, message: x)
-_no_reverse_p.def_abstract_eval(lambda aval, *, message: aval)
-mlir.register_lowering(_no_reverse_p, lambda ctx, x, *, message: [x])
-batching.defvectorized(_no_reverse_p)
-
-
-def _no_reverse_transpose(ct, x, *, message):
-    raise ValueError(message)
-
-
-ad.deflinear2(_no_reverse_p, _no_reverse_transpose)
-
-
-def _forbid_reverse(tree: PyTree, message: str) -> PyTree:
-    """Identity whose transpose (reverse mode) raises ``ValueError(message)``; forward mode passes."""
-    return jax.tree.map(
-        lambda x: (
-            _no_reverse_p.bind(x, message=message) if jnp.issubdtype(x.dtype, jnp.inexact) else x
-        ),
-        tree,
-    )
-
-
-def _has_while(jaxpr) -> bool:
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "while":
-            return True
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, list | tuple) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns") and _has_while(inner):
-                    return True
-    return False
-
-
 # ----------------------------------------------------------------------------- argmin
 
 
@@ -165,27 +55,97 @@ class _Carry(NamedTuple):
     grad_norm: jax.Array
     steps: jax.Array
     status: jax.Array
+    forced: jax.Array  # a differentiated window always runs its steps (no early stop at tol)
 
 
-def _validate(fun, init_params, args, optimizer, steps, tol, adjoint) -> None:
+class _ArgminLoop(InnerLoop):
+    """``argmin``'s optimizer loop as an :class:`InnerLoop` over ``theta = args``."""
+
+    def __init__(self, fun, optimizer, steps, tol):
+        self.fun, self.opt, self.num_steps, self.tol = fun, optimizer, steps, tol
+
+    def evaluate(self, params, opt_state, steps, status, forced, args):
+        value, grad = jax.value_and_grad(self.fun)(params, *args)
+        return _Carry(params, opt_state, value, grad, T.tree_norm(grad), steps, status, forced)
+
+    def start(self, params, args):
+        zero = jnp.asarray(0, jnp.int32)
+        c = self.evaluate(
+            params,
+            self.opt.init(params),
+            zero,
+            jnp.asarray(Status.SUCCESS, jnp.int32),
+            jnp.asarray(False),
+            args,
+        )
+        finite = jnp.isfinite(c.value) & jnp.isfinite(c.grad_norm)
+        return c._replace(status=jnp.where(finite, c.status, Status.NONFINITE).astype(jnp.int32))
+
+    def running(self, c, limit):
+        go = (c.steps < limit) & (c.status == Status.SUCCESS)
+        if self.tol is not None:
+            go &= c.forced | (c.grad_norm > self.tol)
+        return go
+
+    def _update(self, c, args):
+        value_fn = lambda p: self.fun(p, *args)
+        updates, opt_state = self.opt.update(
+            c.grad, c.opt_state, c.params, value=c.value, grad=c.grad, value_fn=value_fn
+        )
+        params = optax.apply_updates(c.params, updates)
+        new = self.evaluate(params, opt_state, c.steps + 1, c.status, c.forced, args)
+        # One rule for every step: applied only if the new point, its optimizer state, value
+        # and gradient are finite; otherwise the run stops at the last finite iterate.
+        r = guard(c, new, jnp.asarray(0, jnp.int32))
+        return r.value._replace(
+            status=jnp.where(r.applied, new.status, Status.NONFINITE).astype(jnp.int32)
+        )
+
+    def step(self, c, args, x):
+        del x
+        new = self._update(c, args)
+        return optax.tree.where(self.running(c, self.num_steps), new, c), None
+
+    def run(self, carry, theta, start, stop, *, differentiable=True, checkpoint_every=None):
+        if differentiable:
+            return super().run(carry, theta, start, stop, checkpoint_every=checkpoint_every)
+        c = lax.while_loop(lambda c: self.running(c, stop), lambda c: self._update(c, theta), carry)
+        return c, None
+
+    def scan(self, body, init, start, stop, checkpoint_every=None):
+        c, _ = super().scan(body, init, start, stop, checkpoint_every)
+        return c, None
+
+    def restart(self, c, args, start):
+        # Recompute the value and gradient with the differentiable args; a window that starts
+        # after step 0 (Truncated) always runs its steps.
+        status = jnp.where(c.status == Status.NONFINITE, c.status, Status.SUCCESS)
+        fresh = self.evaluate(c.params, c.opt_state, c.steps, status, jnp.asarray(start > 0), args)
+        return fresh
+
+    def params(self, c):
+        return c.params
+
+    def replace_params(self, c, params):
+        return c._replace(params=params)
+
+    def optimality(self, params, args):
+        return jax.grad(self.fun)(params, *args)
+
+
+def _validate(fun, init_params, args, optimizer, steps, tol, adjoint) -> tuple[int, float | None]:
     if not callable(fun):
         raise TypeError(f"fun must be callable, got {fun!r}")
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if tol is not None and not (isinstance(tol, int | float) and 0 <= tol < float("inf")):
-        raise ValueError(f"tol must be None or a finite number >= 0, got {tol!r}")
-    if not isinstance(adjoint, Implicit | Unrolled | Truncated):
+    steps = checks.integer("steps", steps)
+    tol = checks.optional_number("tol", tol, low=0.0)
+    if not isinstance(adjoint, AbstractMethod):
         raise TypeError(
-            "adjoint must be solvers.Implicit(...), solvers.Unrolled(...) or "
-            f"solvers.Truncated(...), got {adjoint!r}"
+            "adjoint must be a method such as solvers.Implicit(...), solvers.Unrolled(...), "
+            f"solvers.Truncated(steps=K) or solvers.Forward(), got {adjoint!r}"
         )
-    if isinstance(adjoint, Truncated) and adjoint.steps > steps:
-        raise ValueError(
-            f"Truncated(steps={adjoint.steps}) needs at least that many steps; "
-            f"argmin was given steps={steps}"
-        )
+    adjoint.validate(steps)
     leaves = jax.tree.leaves(init_params)
     if not leaves:
         raise ValueError("init_params must contain at least one array")
@@ -209,6 +169,7 @@ def _validate(fun, init_params, args, optimizer, steps, tol, adjoint) -> None:
             # NumPy, not jnp: under an outer jit even concrete values would be staged out.
             if not all(np.isfinite(np.asarray(x)).all() for x in floats):
                 raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    return steps, tol
 
 
 def argmin(
@@ -218,8 +179,9 @@ def argmin(
     optimizer: optax.GradientTransformation,
     steps: int,
     tol: float | None = None,
-    adjoint: Adjoint | None = None,
+    adjoint: AbstractMethod | None = None,
     return_info: bool = False,
+    throw: bool = False,
 ):
     r"""Minimize ``fun(params, *args)`` over ``params`` with an Optax optimizer, differentiably.
 
@@ -229,24 +191,28 @@ def argmin(
 
     Runs at most ``steps`` optimizer steps, stopping early once ``||grad|| <= tol``. Every step
     passes ``value``, ``grad`` and ``value_fn`` as extra arguments, so line-search optimizers such as
-    ``optax.lbfgs()`` work as they are. A non-finite loss or gradient stops the run and the last
-    finite iterate is returned with ``status = Status.NONFINITE``. The result is differentiable
-    w.r.t. ``*args`` (and anything ``fun`` closes over) as the ``adjoint`` says; ``init_params``
-    gets no derivative under :class:`Implicit`.
+    ``optax.lbfgs()`` work as they are. A step whose loss, gradient, parameters or optimizer state
+    is not finite is not applied (:func:`solvers.guard`): the run stops at the last finite iterate
+    with ``status = Status.NONFINITE``. The result is differentiable w.r.t. ``*args`` (and anything
+    ``fun`` closes over) as the ``adjoint`` method says; ``init_params`` gets no derivative under
+    :class:`Implicit`.
 
-    :class:`Unrolled` and :class:`Truncated` differentiate the optimizer itself: use
-    ``optax.adam(lr, eps_root=1e-8)`` rather than the default ``eps_root=0``, whose ``sqrt`` has
-    an infinite derivative where a gradient entry is exactly zero.
+    :class:`Unrolled`, :class:`Truncated` and :class:`Forward` differentiate the optimizer itself:
+    use ``optax.adam(lr, eps_root=1e-8)`` rather than the default ``eps_root=0``, whose ``sqrt``
+    has an infinite derivative where a gradient entry is exactly zero.
 
     Args:
       fun: scalar objective ``fun(params, *args)``.
       init_params: starting point (pytree of floating arrays).
       *args: differentiable arguments (hyperparameters, data).
       optimizer: any ``optax.GradientTransformation``.
-      steps: maximum number of optimizer steps (``>= 1``).
+      steps: maximum number of optimizer steps (``>= 1``; NumPy/JAX integers are fine).
       tol: stop when the gradient norm is ``<= tol`` (``None``: run all steps).
-      adjoint: :class:`Implicit` (default), :class:`Unrolled` or :class:`Truncated`.
+      adjoint: a method (:class:`Implicit` by default, :class:`Unrolled`, :class:`Truncated`,
+        :class:`Forward`); see :class:`AbstractMethod`.
       return_info: also return an :class:`ArgminInfo`.
+      throw: raise ``RuntimeError`` (inside ``jit`` too) when the run ends ``NONFINITE`` or, with
+        ``tol``, ``MAX_STEPS``, instead of reporting the status.
 
     Returns:
       ``params``, or ``(params, info)`` when ``return_info``.
@@ -265,116 +231,25 @@ def argmin(
       Truncated: Shaban et al., AISTATS 2019.
     """
     adjoint = Implicit() if adjoint is None else adjoint
-    _validate(fun, init_params, args, optimizer, steps, tol, adjoint)
-    opt = optax.with_extra_args_support(optimizer)
+    steps, tol = _validate(fun, init_params, args, optimizer, steps, tol, adjoint)
+    loop = _ArgminLoop(fun, optax.with_extra_args_support(optimizer), steps, tol)
     init_params = jax.tree.map(jnp.asarray, init_params)
-
-    def make_step(args):
-        value_fn = lambda p: fun(p, *args)
-        value_and_grad = jax.value_and_grad(value_fn)
-
-        def evaluate(params, opt_state, steps_taken, status):
-            value, grad = value_and_grad(params)
-            return _Carry(params, opt_state, value, grad, T.tree_norm(grad), steps_taken, status)
-
-        def step(c: _Carry) -> _Carry:
-            updates, opt_state = opt.update(
-                c.grad, c.opt_state, c.params, value=c.value, grad=c.grad, value_fn=value_fn
-            )
-            params = optax.apply_updates(c.params, updates)
-            new = evaluate(params, opt_state, c.steps + 1, c.status)
-            finite = jnp.isfinite(new.value) & jnp.isfinite(new.grad_norm)
-            finite &= T.tree_all_finite(params)
-            bad = c._replace(status=jnp.asarray(Status.NONFINITE, jnp.int32))
-            return T.tree_select(finite, new, bad)
-
-        def start(params):
-            c = evaluate(
-                params,
-                opt.init(params),
-                jnp.asarray(0, jnp.int32),
-                jnp.asarray(Status.SUCCESS, jnp.int32),
-            )
-            finite = jnp.isfinite(c.value) & jnp.isfinite(c.grad_norm)
-            return c._replace(status=jnp.where(finite, c.status, Status.NONFINITE))
-
-        return start, step
-
-    def running(c: _Carry, max_steps) -> jax.Array:
-        go = (c.steps < max_steps) & (c.status == Status.SUCCESS)
-        if tol is not None:
-            go &= c.grad_norm > tol
-        return go
-
-    def run_while(args, params, max_steps, carry=None):
-        start, step = make_step(args)
-        c = start(params) if carry is None else carry
-        return lax.while_loop(lambda c: running(c, max_steps), step, c)
-
-    def run_scan(args, c: _Carry, n: int, masked: bool, checkpoint_every: int | None):
-        _, step = make_step(args)
-
-        def body(c, _):
-            new = step(c)
-            return (T.tree_select(running(c, steps), new, c) if masked else new), None
-
-        if checkpoint_every is None or checkpoint_every >= n:
-            c, _ = lax.scan(body, c, None, length=n)
-            return c
-        k = checkpoint_every
-        n_seg, rest = divmod(n, k)
-
-        @jax.checkpoint
-        def segment(c, _):
-            return lax.scan(body, c, None, length=k)[0], None
-
-        c, _ = lax.scan(segment, c, None, length=n_seg)
-        if rest:
-            c, _ = lax.scan(body, c, None, length=rest)
-        return c
-
-    if isinstance(adjoint, Implicit):
-        c = run_while(tuple(lax.stop_gradient(a) for a in args), init_params, steps)
-        optimality_fn = lambda p, *a: jax.grad(fun)(p, *a)
-        params = implicit_solution(
-            optimality_fn, c.params, args, adjoint.linear_solver, symmetric=True
-        )
-    else:
-        start, step = make_step(args)
-        c0 = start(init_params)
-        step_jaxpr = jax.make_jaxpr(step)(c0).jaxpr
-        if isinstance(adjoint, Unrolled):
-            c = run_scan(args, c0, steps, masked=True, checkpoint_every=adjoint.checkpoint_every)
-        else:
-            k = adjoint.steps
-            frozen_args = tuple(lax.stop_gradient(a) for a in args)
-            c = lax.stop_gradient(
-                run_while(frozen_args, init_params, steps - k, carry=lax.stop_gradient(c0))
-            )
-            # The last k steps always run: restart the status so they are not skipped.
-            c = c._replace(status=jnp.where(c.status == Status.NONFINITE, c.status, Status.SUCCESS))
-            # Recompute value/grad at the frozen point with the differentiable args.
-            c = make_step(args)[0](c.params)._replace(
-                opt_state=c.opt_state, steps=c.steps, status=c.status
-            )
-            c = run_scan(args, c, k, masked=False, checkpoint_every=None)
-        params = c.params
-        if _has_while(step_jaxpr):
-            params = _forbid_reverse(
-                params, _REVERSE_MESSAGE.format(adjoint=type(adjoint).__name__)
-            )
-
-    if not return_info:
-        return params
+    c0 = loop.start(init_params, lax.stop_gradient(args))
+    c, _ = adjoint.solve(loop, c0, args)
     status = c.status
     if tol is not None:
         status = jnp.where(
             (status == Status.SUCCESS) & (c.grad_norm > tol), Status.MAX_STEPS, status
         )
+    status = jnp.asarray(status, jnp.int32)
+    if throw:
+        error_if_failed(status, "solvers.argmin")
+    if not return_info:
+        return c.params
     info = ArgminInfo(
         c.steps,
         lax.stop_gradient(c.grad_norm),
         lax.stop_gradient(c.value),
-        jnp.asarray(status, jnp.int32),
+        status,
     )
-    return params, info
+    return c.params, info
