@@ -367,7 +367,7 @@ def restore_checkpoint(
                 raise ValueError(
                     f"restore_checkpoint: {where}: leaf {p!r} was saved as a typed "
                     f"{saved_keys[p]} key (jax.random.key) but `like` has a "
-                    f"{np.result_type(ref)} array; build `like` with jax.random.key(..., "
+                    f"{jnp.result_type(ref)} array; build `like` with jax.random.key(..., "
                     f"impl={saved_keys[p]!r})"
                 )
             if typed and saved_keys[p] != str(jax.random.key_impl(ref)):
