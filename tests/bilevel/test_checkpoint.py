@@ -79,9 +79,14 @@ def test_overwrite_replaces_the_newer_steps_on_purpose(tmp_path):
 
 def test_retention_only_deletes_older_steps(tmp_path):
     d = tmp_path / "run"
-    for s in range(5):
+    save_checkpoint(d, _state(0), 0, keep=2)
+    (d / "99").mkdir()  # a foreign folder with a step-like name is neither a step nor deleted
+    for s in range(1, 5):
         save_checkpoint(d, _state(s), s, keep=2)
-    assert sorted(int(p.name) for p in d.iterdir()) == [3, 4]
+    assert sorted(int(p.name) for p in d.iterdir()) == [3, 4, 99]
+    assert latest_step(d) == 4 and _w(d, 3) == 3.0
+    save_checkpoint(d, _state(-3), 3, keep=1, overwrite=True)  # keeps the step it saves
+    assert sorted(int(p.name) for p in d.iterdir()) == [3, 99] and _w(d, 3) == -3.0
     with pytest.raises(ValueError, match="keep"):
         save_checkpoint(d, _state(), 9, keep=0)
 
