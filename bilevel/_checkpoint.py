@@ -393,10 +393,11 @@ def restore_checkpoint(
             out.append(jax.random.wrap_key_data(jnp.asarray(got), impl=jax.random.key_impl(ref)))
             continue
         if not _lossless_cast(got, want):
+            x64 = "" if want == np.result_type(ref) else " and enable jax_enable_x64"
             raise ValueError(
                 f"restore_checkpoint: {where}: leaf {p!r} was saved as {got.dtype} and cannot be "
                 f"restored as {want} without changing its values; give that leaf dtype "
-                f"{got.dtype} (or a wider one) in `like`"
+                f"{got.dtype} (or a wider one) in `like`{x64}"
             )
         out.append(jnp.asarray(got, dtype=want))
     return jax.tree_util.tree_unflatten(treedef, out), int(step)

@@ -100,6 +100,7 @@ def test_restore_refuses_a_lossy_dtype_change(tmp_path):
             "c": jnp.ones(2, jnp.complex64),
             "i": np.array([70000], np.int32),
             "small": np.array([5], np.int32),
+            "big": np.array([1e30], np.float32),  # overflows float16
         },
         0,
     )
@@ -108,8 +109,9 @@ def test_restore_refuses_a_lossy_dtype_change(tmp_path):
         "c": jnp.ones(2, jnp.complex64),
         "i": np.zeros(1, np.int32),
         "small": np.zeros(1, np.int32),
+        "big": np.zeros(1, np.float32),
     }
-    for leaf, want in (("f", "int32"), ("c", "float32"), ("i", "int16")):
+    for leaf, want in (("f", "int32"), ("c", "float32"), ("i", "int16"), ("big", "float16")):
         bad = dict(like, **{leaf: np.zeros(like[leaf].shape, want)})
         with pytest.raises(ValueError, match=rf"(?s)'{leaf}'.*saved as \w+.*as {want}"):
             restore_checkpoint(d, bad)
