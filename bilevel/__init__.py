@@ -10,6 +10,7 @@ from bilevel._bilevel import (
     BilevelState,
     Forward,
     HypergradientInfo,
+    TrainingLoop,
     hypergradient,
     implicit_hypergradient,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "BilevelState",
     "Forward",
     "HypergradientInfo",
+    "TrainingLoop",
     "hypergradient",
     "implicit_hypergradient",
     "latest_step",

@@ -4,11 +4,14 @@ Notation: ``w`` the parameters, ``u`` the unconstrained hyperparameters, ``h = c
 constrained values (:mod:`bilevel.hparams`), ``L_B(w, h)`` the inner (training) loss on batch ``B``
 and ``L_V(w, h)`` the outer (validation) loss on the outer batch. Every hypergradient is taken with
 respect to ``u``.
+
+How the hypergradient is computed belongs to the method object (:class:`solvers.AbstractMethod`):
+this module describes the inner training as a :class:`solvers.InnerLoop` and calls the method; it
+never branches on the method's type.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -16,43 +19,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
-from jax.flatten_util import ravel_pytree
 
 import solvers
 from bilevel import hparams as hp
+from solvers import checks
 from solvers import tree as T
 
 PyTree = Any
 
+#: Forward-mode online hypergradients (RTHO / MARTHE): the same object as ``solvers.Forward``.
+Forward = solvers.Forward
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Forward:
-    r"""Online forward-mode hypergradient (RTHO; MARTHE when ``decay < 1``).
-
-    Carries the tangent :math:`Z_t = d(w_t, s_t)/du` of the parameters and optimizer state through
-    every inner step since the start of training, by ``jax.jvp`` of the full inner step
-    :math:`(w, s) \leftarrow \Phi(w, s, u, B_t)`:
-
-    .. math:: Z_t = \partial_{(w,s)}\Phi\; (\mu Z_{t-1}) + \partial_u \Phi, \qquad
-       g = Z_w^\top \nabla_w L_V(w, h) + \nabla_u L_V(w, h)
-
-    with :math:`\mu` = ``decay``. Costs one Jacobian-vector product per hyperparameter per inner
-    step: meant for a few hyperparameters.
-
-    Args:
-      decay: tangent decay ``mu`` in ``(0, 1]``; 1 is RTHO (Franceschi et al., ICML 2017), ``< 1``
-        is MARTHE (Donini et al., ICLR 2020).
-    """
-
-    decay: float = 1.0
-
-    def __post_init__(self):
-        if not (isinstance(self.decay, int | float) and 0 < self.decay <= 1):
-            raise ValueError(f"Forward.decay must be in (0, 1], got {self.decay!r}")
-
-
-Method = solvers.Implicit | solvers.Unrolled | solvers.Truncated | Forward
+Method = solvers.AbstractMethod
 
 
 class BilevelState(NamedTuple):
@@ -63,13 +41,13 @@ class BilevelState(NamedTuple):
       inner_state: inner optimizer state.
       hparams: unconstrained hyperparameters ``u``.
       outer_state: outer optimizer state.
-      method_state: per-method memory: the previous linear solution (Implicit), the tangents
-        ``(Z_w, Z_s)`` (Forward), or ``()``.
+      method_state: the method's memory (:meth:`solvers.AbstractMethod.init`): the previous
+        adjoint ``v`` (Implicit with warm starts), the tangents (Forward), or ``()``.
       step: outer steps taken (int32).
-      skipped: outer steps skipped because of a non-finite hypergradient (int32).
-      inner_skipped: inner steps skipped because of a non-finite loss or gradient (int32).
+      skipped: outer steps not applied because something was not finite (int32).
+      inner_skipped: inner steps not applied likewise (int32).
       key: a PRNG key for the training loop's own use (data order, dropout); see
-        :func:`minibatches`. Not consumed by :meth:`BilevelOptimizer.step`.
+        :meth:`BilevelOptimizer.sample_batches`. Not consumed by :meth:`BilevelOptimizer.step`.
     """
 
     params: PyTree
@@ -83,51 +61,162 @@ class BilevelState(NamedTuple):
     key: jax.Array
 
 
-def _check_method(method: Any, inner_steps: int | None = None) -> None:
-    if not isinstance(method, solvers.Implicit | solvers.Unrolled | solvers.Truncated | Forward):
-        raise TypeError(
-            "method must be solvers.Implicit(...), solvers.Unrolled(), solvers.Truncated(steps=K) "
-            f"or bilevel.Forward(...), got {method!r}"
-        )
-    if (
-        inner_steps is not None
-        and isinstance(method, solvers.Truncated)
-        and (method.steps > inner_steps)
-    ):
-        raise ValueError(
-            f"Truncated(steps={method.steps}) cannot exceed inner_steps={inner_steps}: the online "
-            "window is the current cycle of inner steps"
-        )
+# ----------------------------------------------------------------------------- losses
 
 
-def _loss_value(loss_fn, has_aux):
-    """``(params, h, batch) -> (value, aux)`` whatever the user's convention."""
-    if has_aux:
-        return loss_fn
-    return lambda p, h, b: (loss_fn(p, h, b), None)
+class HparamDict(dict):
+    """The dict of constrained hyperparameter values a loss receives.
 
+    A plain ``dict`` (and a pytree) whose missing keys raise a ``KeyError`` naming the space's
+    keys, so that a typo in a hyperparameter name is told apart from the user's own errors.
+    """
 
-def _check_scalar(value, name):
-    if jnp.shape(value) != () or not jnp.issubdtype(jnp.result_type(value), jnp.floating):
-        raise TypeError(
-            f"{name} must return a real scalar, got shape {jnp.shape(value)} "
-            f"dtype {jnp.result_type(value)}"
+    def __missing__(self, key):
+        raise KeyError(
+            f"the loss asked for hyperparameter {key!r}, which the space lacks; the space has "
+            f"{sorted(map(str, self.keys()))}"
         )
 
 
-def _call(loss_fn, name, space_keys):
+jax.tree_util.register_pytree_with_keys(
+    HparamDict,
+    lambda d: (tuple((jax.tree_util.DictKey(k), d[k]) for k in sorted(d)), tuple(sorted(d))),
+    lambda keys, values: HparamDict(zip(keys, values, strict=True)),
+)
+
+
+def _values(space: PyTree, u: PyTree) -> PyTree:
+    h = hp.constrain(space, u)
+    return HparamDict(h) if type(h) is dict else h
+
+
+def _describe_output(out) -> str:
+    if isinstance(out, tuple | list):
+        return (
+            f"a {type(out).__name__} of {len(out)} ({', '.join(_describe_output(o) for o in out)})"
+        )
+    shape, dtype = jnp.shape(out), jnp.result_type(out) if hasattr(out, "dtype") else type(out)
+    return f"an array of shape {shape} and dtype {dtype}"
+
+
+def _loss(fn: Callable, name: str, has_aux: bool) -> Callable:
+    """``(params, h, batch) -> (value, aux)`` with clear errors for convention mix-ups."""
+
     def call(p, h, b):
-        try:
-            value, aux = loss_fn(p, h, b)
-        except KeyError as e:
-            raise KeyError(
-                f"{name} asked for hyperparameter {e} that the space lacks; the space has "
-                f"{space_keys}"
-            ) from None
+        out = fn(p, h, b)
+        if has_aux:
+            if not (isinstance(out, tuple | list) and len(out) == 2):
+                raise TypeError(
+                    f"{name} returned {_describe_output(out)}, but has_aux=True expects a pair "
+                    "(scalar loss, aux); pass has_aux=False for a loss that returns a scalar"
+                )
+            value, aux = out
+        else:
+            if isinstance(out, tuple | list):
+                raise TypeError(
+                    f"{name} returned {_describe_output(out)}, but has_aux=False expects a real "
+                    "scalar; pass has_aux=True if it returns (loss, aux)"
+                )
+            value, aux = out, None
         _check_scalar(value, name)
         return value, aux
 
     return call
+
+
+def _check_scalar(value, name):
+    if (not hasattr(value, "dtype") and not isinstance(value, float | int)) or jnp.shape(
+        value
+    ) != ():
+        raise TypeError(f"{name} must return a real scalar, got {_describe_output(value)}")
+    if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+        raise TypeError(f"{name} must return a real scalar, got dtype {jnp.result_type(value)}")
+
+
+# ----------------------------------------------------------------------------- the inner loop
+
+
+class _Carry(NamedTuple):
+    params: PyTree
+    inner_state: PyTree
+    inner_skipped: jax.Array
+
+
+class TrainingLoop(solvers.InnerLoop):
+    r"""Guarded inner optimizer steps on ``inner_loss(w, c(u), B_t)`` as a :class:`solvers.InnerLoop`.
+
+    The carry is ``(params, inner_state, inner_skipped)`` and ``theta`` the unconstrained
+    hyperparameters ``u`` (``constrain`` maps them to the values the loss sees; the identity for
+    the one-shot :func:`hypergradient`). Each step is applied through :func:`solvers.guard`: only
+    when the loss, the gradient, the new parameters and the new optimizer state are finite. The
+    implicit system is the inner gradient on the last batch.
+    """
+
+    def __init__(self, inner, optimizer, constrain, num_steps, *, xs=None, shared=None):
+        self.inner, self.opt, self.constrain = inner, optimizer, constrain
+        self.num_steps, self.xs, self.shared = num_steps, xs, shared
+
+    def step(self, carry, u, batch):
+        h = self.constrain(u)
+        (value, _), grad = jax.value_and_grad(self.inner, has_aux=True)(carry.params, h, batch)
+        value_fn = lambda p: self.inner(p, h, batch)[0]
+        updates, new_state = self.opt.update(
+            grad, carry.inner_state, carry.params, value=value, grad=grad, value_fn=value_fn
+        )
+        new_params = optax.apply_updates(carry.params, updates)
+        r = solvers.guard(
+            (carry.params, carry.inner_state),
+            (new_params, new_state),
+            carry.inner_skipped,
+            also=(value, grad),
+        )
+        return _Carry(*r.value, r.skipped), (value, r.applied)
+
+    def empty_outs(self, body, init):
+        del body, init
+        return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), bool)
+
+    def params(self, carry):
+        return carry.params
+
+    def replace_params(self, carry, params):
+        return carry._replace(params=params)
+
+    def optimality(self, params, u):
+        return jax.grad(lambda p: self.inner(p, self.constrain(u), self.last_input())[0])(params)
+
+
+def _masked_mean(values, applied):
+    n = jnp.sum(applied)
+    total = jnp.sum(jnp.where(applied, values, 0.0))
+    return jnp.where(n > 0, total / jnp.maximum(n, 1), jnp.nan)
+
+
+def _check_method(method: Any, num_steps: int | None = None) -> None:
+    if not isinstance(method, solvers.AbstractMethod):
+        raise TypeError(
+            "method must be a hypergradient method such as solvers.Implicit(...), "
+            "solvers.Unrolled(), solvers.Truncated(steps=K) or bilevel.Forward(...), got "
+            f"{method!r}"
+        )
+    if num_steps is not None:
+        method.validate(num_steps)
+
+
+def _check_outer_optimizer(outer_optimizer, u):
+    """Outer optimizers get ``value`` and ``grad``; a line search (``value_fn``) cannot be given."""
+    tx = optax.with_extra_args_support(outer_optimizer)
+    try:
+        jax.eval_shape(lambda: tx.update(u, tx.init(u), u, value=jnp.zeros(()), grad=u))
+    except TypeError as e:
+        if "value_fn" in str(e):
+            raise TypeError(
+                "outer_optimizer needs value_fn (a line search such as optax.lbfgs). The outer "
+                "objective as a function of the hyperparameters is only known through the inner "
+                "training, so a line search cannot evaluate it online: use a first-order "
+                "optimizer (optax.adam, optax.sgd) for the hyperparameters"
+            ) from None
+        raise
 
 
 class BilevelOptimizer:
@@ -136,7 +225,8 @@ class BilevelOptimizer:
     Each :meth:`step` runs ``inner_steps`` steps of ``inner_optimizer`` on
     ``inner_loss(params, h, batch)`` (one batch of ``inner_batches`` each), then one step of
     ``outer_optimizer`` on the unconstrained hyperparameters ``u`` along the hypergradient of
-    ``outer_loss(params, h, outer_batch)``, computed by ``method``:
+    ``outer_loss(params, h, outer_batch)``, computed by ``method`` (any
+    :class:`solvers.AbstractMethod`):
 
     - ``solvers.Implicit(linear_solver, warm_start=True)`` - implicit function theorem at the
       current iterate ``w``; the Hessian and mixed derivatives come from the **last inner batch**
@@ -149,13 +239,13 @@ class BilevelOptimizer:
       ``solvers.neumann(steps=1, scale=rho)`` this is the SOBA-style stochastic bilevel method
       (Dagreou et al., NeurIPS 2022): ``v`` moves by one step
       :math:`v \leftarrow v - \rho (H v - \nabla_w L_V)` per outer step.
-    - ``solvers.Truncated(steps=K)`` - reverse mode through the last ``K`` inner steps of the
-      cycle, with the parameters and optimizer state at the start of that window held constant
-      (Shaban et al., AISTATS 2019). Biased towards short horizons (Wu et al., ICLR 2018): its
-      fixed point is where the ``K``-step hypergradient vanishes, not the true optimum.
-    - ``solvers.Unrolled()`` - the same with ``K = inner_steps``.
+    - ``solvers.Truncated(steps=K, checkpoint_every=None)`` - reverse mode through the last ``K``
+      inner steps of the cycle, with the parameters and optimizer state at the start of that
+      window held constant (Shaban et al., AISTATS 2019). Biased towards short horizons (Wu et
+      al., ICLR 2018): its fixed point is where the ``K``-step hypergradient vanishes.
+    - ``solvers.Unrolled(checkpoint_every=None)`` - the same with ``K = inner_steps``.
     - ``bilevel.Forward(decay)`` - forward mode through every inner step since the start
-      (RTHO / MARTHE); see :class:`Forward`.
+      (RTHO / MARTHE); see :class:`solvers.Forward`.
 
     Differentiating *through* inner steps (Truncated, Unrolled, Forward) differentiates the inner
     optimizer too: ``optax.adam`` with its default ``eps_root=0`` has an infinite derivative
@@ -163,21 +253,30 @@ class BilevelOptimizer:
     every outer step skipped (``metrics["skipped"]`` counts them). Use
     ``optax.adam(lr, eps_root=1e-8)`` there.
 
+    Every step, inner and outer, goes through :func:`solvers.guard`: an inner step applies only
+    if its loss, gradient, new parameters and new optimizer state are finite; the outer step only
+    if the outer loss, its gradients, the hypergradient, the new hyperparameters (unconstrained
+    and constrained), the new outer optimizer state and the method's memory (the adjoint and its
+    residual) are finite. Otherwise nothing changes and ``skipped`` / ``inner_skipped`` count it.
+
     Randomness (dropout, augmentation) reaches the losses inside the batch (the library-wide loss
     convention is ``loss(params, h, batch)``): put a key in each batch, e.g. with
-    :func:`minibatches`. A non-finite inner step is not applied and a non-finite hypergradient
-    step is skipped; both are counted in the state and metrics.
+    :meth:`sample_batches`. :meth:`step` is jitted (compose it freely with an outer ``jax.jit``
+    or ``jax.vmap``: a jitted function inside another is inlined).
 
     Args:
       inner_loss: ``inner_loss(params, h, batch) -> scalar`` (``(scalar, aux)`` if ``has_aux``),
-        ``h`` the constrained hyperparameters.
+        ``h`` the constrained hyperparameters (a dict when the space is a dict).
       outer_loss: ``outer_loss(params, h, batch) -> scalar`` (or ``(scalar, aux)``).
       inner_optimizer: Optax transformation for the parameters.
-      outer_optimizer: Optax transformation for the unconstrained hyperparameters.
+      outer_optimizer: Optax transformation for the unconstrained hyperparameters (first order:
+        a line search has no outer objective to evaluate).
       space: hyperparameter space (pytree of :mod:`bilevel.hparams` specs).
-      method: a strategy object (above).
+      method: a :class:`solvers.AbstractMethod` (above).
       inner_steps: inner steps per outer step (``>= 1``).
       has_aux: the losses return ``(value, aux)``; the last aux values are in the metrics.
+      throw: raise (inside ``jit`` too) when an outer step ends ``NONFINITE`` or with a failed
+        linear solve, instead of reporting it in ``metrics["status"]``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, solvers, bilevel
@@ -189,9 +288,9 @@ class BilevelOptimizer:
       ...     space={"wd": bilevel.hparams.log(0.1)}, method=solvers.Implicit(), inner_steps=5)
       >>> state = opt.init(jnp.zeros(5))
       >>> batches = (jnp.stack([X[:32]] * 5), jnp.stack([y[:32]] * 5))
-      >>> state, metrics = jax.jit(opt.step)(state, batches, (X[32:], y[32:]))
-      >>> metrics["linear_converged"].item(), opt.hparams(state)["wd"].shape
-      (True, ())
+      >>> state, metrics = opt.step(state, batches, (X[32:], y[32:]))
+      >>> solvers.Status(int(metrics["status"])).name, opt.hparams(state)["wd"].shape
+      ('SUCCESS', ())
 
     References: Pedregosa, ICML 2016; Lorraine et al., AISTATS 2020 (implicit); Shaban et al.,
     AISTATS 2019 (truncated); Franceschi et al., ICML 2017 and Donini et al., ICLR 2020 (forward);
@@ -209,25 +308,28 @@ class BilevelOptimizer:
         method: Method,
         inner_steps: int,
         has_aux: bool = False,
+        throw: bool = False,
     ):
-        if not callable(inner_loss) or not callable(outer_loss):
-            raise TypeError("inner_loss and outer_loss must be callables (params, h, batch)")
+        for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
+            if not callable(fn):
+                raise TypeError(f"{name} must be a callable loss(params, h, batch), got {fn!r}")
         for name, o in (("inner_optimizer", inner_optimizer), ("outer_optimizer", outer_optimizer)):
             if not isinstance(o, optax.GradientTransformation):
                 raise TypeError(f"{name} must be an optax.GradientTransformation, got {o!r}")
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:
-            raise ValueError(f"inner_steps must be an int >= 1, got {inner_steps!r}")
-        _check_method(method, inner_steps)
+        self.inner_steps = checks.integer("inner_steps", inner_steps)
+        _check_method(method, self.inner_steps)
         self._u0 = hp.init(space)  # validates the space
+        _check_outer_optimizer(outer_optimizer, self._u0)
         self.space = space
         self.method = method
-        self.inner_steps = inner_steps
-        self.has_aux = has_aux
+        self.has_aux = bool(has_aux)
+        self.throw = bool(throw)
         self.inner_optimizer = optax.with_extra_args_support(inner_optimizer)
-        self.outer_optimizer = outer_optimizer
-        keys = sorted(str(k) for k in (space.keys() if isinstance(space, dict) else []))
-        self._inner = _call(_loss_value(inner_loss, has_aux), "inner_loss", keys)
-        self._outer = _call(_loss_value(outer_loss, has_aux), "outer_loss", keys)
+        self.outer_optimizer = optax.with_extra_args_support(outer_optimizer)
+        self._inner = _loss(inner_loss, "inner_loss", self.has_aux)
+        self._outer = _loss(outer_loss, "outer_loss", self.has_aux)
+        self._step = jax.jit(self._step_impl)
+        self._fit_cache: dict = {}
 
     # ------------------------------------------------------------------ public API
 
@@ -241,7 +343,8 @@ class BilevelOptimizer:
           hparams: optional **unconstrained** hyperparameters (default: the space's initial
             values). Pass one per population member under ``jax.vmap``; build them from values
             with ``bilevel.hparams.unconstrain``.
-          key: PRNG key stored in the state for the training loop (default ``PRNGKey(0)``).
+          key: PRNG key stored in the state for the training loop (default
+            ``jax.random.key(0)``; a legacy ``uint32`` key is accepted and wrapped).
 
         Returns:
           A :class:`BilevelState`.
@@ -260,21 +363,14 @@ class BilevelOptimizer:
                 np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(u)
             ):
                 raise ValueError("hparams contains non-finite values")
-        if isinstance(self.method, solvers.Implicit):
-            method_state = T.tree_zeros_like(params)
-        elif isinstance(self.method, Forward):
-            m = ravel_pytree(u)[0].size
-            inner_state = self.inner_optimizer.init(params)
-            zp = jax.tree.map(lambda a: jnp.zeros((m, *jnp.shape(a)), a.dtype), params)
-            zs = [jnp.zeros((m, *jnp.shape(a)), a.dtype) for a in _float_leaves(inner_state)]
-            method_state = (zp, zs)
-        else:
-            method_state = ()
-        key = jax.random.PRNGKey(0) if key is None else key
+        key = _typed_key(key)
+        inner_state = self.inner_optimizer.init(params)
+        carry = _Carry(params, inner_state, jnp.asarray(0, jnp.int32))
+        method_state = self.method.init(self._loop(None), carry, u)
         zero = jnp.asarray(0, jnp.int32)
         return BilevelState(
             params,
-            self.inner_optimizer.init(params),
+            inner_state,
             u,
             self.outer_optimizer.init(u),
             method_state,
@@ -295,7 +391,7 @@ class BilevelOptimizer:
     def step(
         self, state: BilevelState, inner_batches: PyTree, outer_batch: PyTree
     ) -> tuple[BilevelState, dict[str, Any]]:
-        """One outer step: ``inner_steps`` inner steps, then one hypergradient step.
+        """One outer step: ``inner_steps`` inner steps, then one hypergradient step (jitted).
 
         Args:
           state: current state.
@@ -305,31 +401,72 @@ class BilevelOptimizer:
           outer_batch: one validation batch.
 
         Returns:
-          ``(state, metrics)``; metrics: ``inner_loss`` (mean over the cycle), ``outer_loss``,
-          ``hypergrad`` (w.r.t. the unconstrained hyperparameters) and ``hypergrad_norm``, ``linear_iterations`` / ``linear_residual`` /
-          ``linear_converged`` (Implicit; 0 / 0 / True otherwise), ``hparams`` (after the
-          update), ``skipped`` / ``inner_skipped`` (cumulative counts), and ``inner_aux`` /
-          ``outer_aux`` with ``has_aux``.
+          ``(state, metrics)``; metrics (the vocabulary shared by every tuner):
+
+          - ``inner_loss``: mean loss over the inner steps that were applied;
+            ``inner_applied`` how many were;
+          - ``outer_loss``, ``hypergrad`` (w.r.t. ``u``), ``hypergrad_norm``, ``hparams``
+            (constrained, after the update);
+          - ``status``: a :class:`solvers.Status` code of this outer step: ``SUCCESS``,
+            ``LINEAR_SOLVE_FAILED`` (applied, but the solve missed its tolerance) or
+            ``NONFINITE`` (not applied);
+          - ``linear_iterations``, ``linear_residual``: the implicit solve (0 for methods
+            without one);
+          - ``skipped``, ``inner_skipped``: cumulative counts of steps not applied;
+          - ``inner_aux`` / ``outer_aux`` with ``has_aux``.
         """
         self._check_batches(inner_batches)
-        method = self.method
-        if isinstance(method, solvers.Implicit):
-            out = self._step_implicit(state, inner_batches, outer_batch)
-        elif isinstance(method, Forward):
-            out = self._step_forward(state, inner_batches, outer_batch)
-        else:
-            k = self.inner_steps if isinstance(method, solvers.Unrolled) else method.steps
-            out = self._step_truncated(state, inner_batches, outer_batch, k)
-        params, inner_state, inner_losses, n_bad, g, outer_value, method_state, lin, aux = out
-        state = state._replace(
-            params=params,
-            inner_state=inner_state,
-            method_state=method_state,
-            inner_skipped=state.inner_skipped + n_bad,
+        if outer_batch is None:
+            raise ValueError("outer_batch is None: pass the validation batch for outer_loss")
+        return self._step(state, inner_batches, outer_batch)
+
+    def sample_batches(
+        self,
+        state: BilevelState,
+        inner_data: PyTree,
+        outer_data: PyTree,
+        batch_size: int,
+        outer_batch_size: int | None = None,
+    ) -> tuple[PyTree, PyTree]:
+        """The batches of the next :meth:`step`, a pure function of ``(state.key, state.step)``.
+
+        Drawn with :func:`bilevel.minibatches`, so a resumed run replays the same data order.
+
+        Args:
+          state: current state.
+          inner_data, outer_data: full datasets (pytrees of arrays with a leading example axis).
+          batch_size: rows per inner batch.
+          outer_batch_size: rows of the outer batch (default: all of ``outer_data``).
+
+        Returns:
+          ``(inner_batches, outer_batch)`` shaped for :meth:`step`.
+        """
+        from bilevel._utils import minibatches
+
+        key = jax.random.fold_in(state.key, 1)
+        inner = minibatches(inner_data, key, state.step, batch_size, self.inner_steps)
+        if outer_batch_size is None:
+            return inner, outer_data
+        outer = minibatches(
+            outer_data, jax.random.fold_in(state.key, 2), state.step, outer_batch_size, 1
         )
-        return self._apply_hypergradient(state, g, outer_value, inner_losses, lin, aux)
+        return inner, jax.tree.map(lambda a: a[0], outer)
 
     # ------------------------------------------------------------------ internals
+
+    def _loop(self, inner_batches) -> TrainingLoop:
+        constrain = lambda u: _values(self.space, u)
+        if inner_batches is None:
+            return TrainingLoop(self._inner, self.inner_optimizer, constrain, self.inner_steps)
+        if jnp.shape(jax.tree.leaves(inner_batches)[0])[0] == 1 and self.inner_steps != 1:
+            # One batch reused by every step, without copies.
+            shared = jax.tree.map(lambda a: a[0], inner_batches)
+            return TrainingLoop(
+                self._inner, self.inner_optimizer, constrain, self.inner_steps, shared=shared
+            )
+        return TrainingLoop(
+            self._inner, self.inner_optimizer, constrain, self.inner_steps, xs=inner_batches
+        )
 
     def _check_batches(self, inner_batches):
         leaves = jax.tree.leaves(inner_batches)
@@ -348,259 +485,88 @@ class BilevelOptimizer:
                 f"{jax.tree.map(jnp.shape, inner_batches)}"
             )
 
-    def _inner_update(self, params, inner_state, u, batch):
-        """One guarded inner step: returns new params/state, loss, whether it was applied."""
-        return _guarded_step(
-            self._inner,
-            self.inner_optimizer,
-            params,
-            inner_state,
-            hp.constrain(self.space, u),
-            batch,
+    def _step_impl(self, state, inner_batches, outer_batch):
+        loop = self._loop(inner_batches)
+        carry = _Carry(state.params, state.inner_state, state.inner_skipped)
+
+        def outer(p, u):
+            return self._outer(p, _values(self.space, u), outer_batch)
+
+        hg = self.method.hypergradient(loop, carry, state.hparams, outer, state.method_state)
+        carry = hg.carry
+        values, applied = hg.outs
+
+        # The outer step, through the one guard.
+        updates, outer_state = self.outer_optimizer.update(
+            hg.grad, state.outer_state, state.hparams, value=hg.value, grad=hg.grad
         )
-
-    def _run_inner(self, params, inner_state, u, batches, length):
-        def body(carry, batch):
-            p, s = carry
-            p, s, value, ok = self._inner_update(p, s, u, batch)
-            return (p, s), (value, ok)
-
-        (params, inner_state), (values, oks) = _scan_batches(
-            body, (params, inner_state), batches, length
-        )
-        return params, inner_state, values, jnp.sum(~oks).astype(jnp.int32)
-
-    def _outer_grads(self, params, u, outer_batch):
-        def f(p, u):
-            return self._outer(p, hp.constrain(self.space, u), outer_batch)
-
-        (value, aux), (g_w, g_u) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, u)
-        return value, aux, g_w, g_u
-
-    def _step_implicit(self, state, inner_batches, outer_batch):
-        u = state.hparams
-        params, inner_state, values, n_bad = self._run_inner(
-            state.params, state.inner_state, u, inner_batches, self.inner_steps
-        )
-        last = jax.tree.map(lambda a: a[-1], inner_batches)
-        g, v, stats, outer_value, outer_aux = implicit_hypergradient(
-            lambda p, u, b: self._inner(p, hp.constrain(self.space, u), b)[0],
-            lambda p, u, b: self._outer(p, hp.constrain(self.space, u), b),
-            params,
-            u,
-            last,
-            outer_batch,
-            self.method.linear_solver,
-            init=state.method_state if self.method.warm_start else None,
-        )
-        inner_aux = self._inner(params, hp.constrain(self.space, u), last)[1]
-        return (
-            params,
-            inner_state,
-            values,
-            n_bad,
-            g,
-            outer_value,
-            v,
-            stats,
-            (inner_aux, outer_aux),
-        )
-
-    def _step_truncated(self, state, inner_batches, outer_batch, k):
-        u = state.hparams
-        n = self.inner_steps
-        head = _window(inner_batches, 0, n - k)
-        tail = _window(inner_batches, n - k, n)
-        params, inner_state, head_values, head_bad = self._run_inner(
-            state.params, state.inner_state, u, head, n - k
-        )
-        params, inner_state = lax.stop_gradient((params, inner_state))
-
-        def window(u):
-            p, s, values, bad = self._run_inner(params, inner_state, u, tail, k)
-            value, aux = self._outer(p, hp.constrain(self.space, u), outer_batch)
-            return value, (p, s, values, bad, aux)
-
-        (outer_value, (p, s, values, bad, outer_aux)), g = jax.value_and_grad(window, has_aux=True)(
-            u
-        )
-        values = jnp.concatenate([head_values, values])
-        inner_aux = self._inner(
-            p, hp.constrain(self.space, u), jax.tree.map(lambda a: a[-1], inner_batches)
-        )[1]
-        return (p, s, values, head_bad + bad, g, outer_value, (), None, (inner_aux, outer_aux))
-
-    def _step_forward(self, state, inner_batches, outer_batch):
-        u = state.hparams
-        u_flat, unravel_u = ravel_pytree(u)
-        m = u_flat.size
-        eye = jnp.eye(m, dtype=u_flat.dtype)
-        decay = self.method.decay
-
-        def body(carry, batch):
-            p, s, zp, zs = carry
-            s_leaves, s_tree = jax.tree.flatten(s)
-            mask = [_is_float(a) for a in s_leaves]
-
-            def phi(p, s_float, uf):
-                it = iter(s_float)
-                full = jax.tree.unflatten(
-                    s_tree, [next(it) if f else a for a, f in zip(s_leaves, mask, strict=True)]
-                )
-                p2, s2, value, ok = self._inner_update(p, full, unravel_u(uf), batch)
-                return (p2, _float_leaves(s2)), (s2, value, ok)
-
-            (p2, _), lin, (s2, value, ok) = jax.linearize(
-                phi, p, _float_leaves(s), u_flat, has_aux=True
-            )
-            zp2, zs2 = jax.vmap(lin)(T.tree_scale(decay, zp), T.tree_scale(decay, zs), eye)
-            # A skipped (non-finite) inner step leaves the tangents as they were.
-            zp2 = T.tree_select(ok, zp2, zp)
-            zs2 = T.tree_select(ok, zs2, zs)
-            return (p2, s2, zp2, zs2), (value, ok)
-
-        zp, zs = state.method_state
-        (p, s, zp, zs), (values, oks) = _scan_batches(
-            body, (state.params, state.inner_state, zp, zs), inner_batches, self.inner_steps
-        )
-        outer_value, outer_aux, g_w, g_u = self._outer_grads(p, u, outer_batch)
-        # g = Z_w^T grad_w L_V + grad_u L_V, one entry per hyperparameter direction.
-        g_flat = jax.vmap(lambda z: T.tree_vdot(z, g_w))(zp) + ravel_pytree(g_u)[0]
-        g = unravel_u(g_flat.astype(u_flat.dtype))
-        inner_aux = self._inner(
-            p, hp.constrain(self.space, u), jax.tree.map(lambda a: a[-1], inner_batches)
-        )[1]
-        return (
-            p,
-            s,
-            values,
-            jnp.sum(~oks).astype(jnp.int32),
-            g,
-            outer_value,
-            (zp, zs),
-            None,
-            (inner_aux, outer_aux),
-        )
-
-    def _apply_hypergradient(self, state, g, outer_value, inner_losses, stats, aux):
-        ok = T.tree_all_finite(g) & jnp.isfinite(outer_value)
-        g_safe = T.tree_select(ok, g, T.tree_zeros_like(g))
-        updates, outer_state = self.outer_optimizer.update(g_safe, state.outer_state, state.hparams)
         u = optax.apply_updates(state.hparams, updates)
-        finite_u = T.tree_all_finite(u)
-        ok = ok & finite_u
-        u = T.tree_select(ok, u, state.hparams)
-        outer_state = T.tree_select(ok, outer_state, state.outer_state)
-        skipped = state.skipped + (~ok).astype(jnp.int32)
-        state = state._replace(
-            hparams=u, outer_state=outer_state, step=state.step + 1, skipped=skipped
+        r = solvers.guard(
+            (state.hparams, state.outer_state, state.method_state),
+            (u, outer_state, hg.memory),
+            state.skipped,
+            also=(hg.value, hg.grad, hg.checks, hp.constrain(self.space, u)),
         )
-        if stats is None:
-            stats = solvers.SolveStats(
-                jnp.asarray(0, jnp.int32), jnp.zeros((), T.result_dtype(g)), jnp.asarray(True)
-            )
+        u, outer_state, memory = r.value
+        status = jnp.where(r.applied, hg.status, solvers.Status.NONFINITE).astype(jnp.int32)
+        if self.throw:
+            solvers.error_if_failed(status, "BilevelOptimizer.step")
+        state = BilevelState(
+            params=carry.params,
+            inner_state=carry.inner_state,
+            hparams=u,
+            outer_state=outer_state,
+            method_state=memory,
+            step=state.step + 1,
+            skipped=r.skipped,
+            inner_skipped=carry.inner_skipped,
+            key=state.key,
+        )
         metrics = {
-            "inner_loss": jnp.mean(inner_losses),
-            "outer_loss": outer_value,
-            "hypergrad_norm": T.tree_norm(g),
-            "hypergrad": g,
-            "linear_iterations": stats.iterations,
-            "linear_residual": stats.residual,
-            "linear_converged": stats.converged,
+            "inner_loss": _masked_mean(values, applied),
+            "inner_applied": jnp.sum(applied).astype(jnp.int32),
+            "outer_loss": hg.value,
+            "hypergrad": hg.grad,
+            "hypergrad_norm": optax.tree.norm(hg.grad),
             "hparams": self.hparams(state),
-            "skipped": skipped,
+            "status": status,
+            "linear_iterations": hg.linear_iterations,
+            "linear_residual": hg.linear_residual,
+            "skipped": state.skipped,
             "inner_skipped": state.inner_skipped,
         }
         if self.has_aux:
-            metrics["inner_aux"], metrics["outer_aux"] = aux
+            h = _values(self.space, state.hparams)
+            metrics["inner_aux"] = self._inner(carry.params, h, loop.last_input())[1]
+            metrics["outer_aux"] = hg.aux
         return state, metrics
 
 
-def _scan_batches(body, carry, batches, length):
-    """``lax.scan`` over stacked batches, or over ``length`` steps of one batch (leading axis 1)."""
-    if jnp.shape(jax.tree.leaves(batches)[0])[0] == 1 and length != 1:
-        batch = jax.tree.map(lambda a: a[0], batches)
-        return lax.scan(lambda c, _: body(c, batch), carry, None, length=length)
-    return lax.scan(body, carry, batches)
+def _typed_key(key):
+    if key is None:
+        return jax.random.key(0)
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    if key.dtype == jnp.uint32 and key.shape[-1:] == (2,):
+        return jax.random.wrap_key_data(key)
+    raise TypeError(f"key must be a PRNG key (jax.random.key(...)), got {key!r}")
 
 
-def _window(batches, start, stop):
-    """Inner steps ``start:stop`` of stacked batches (a shared batch is its own window)."""
-    if jnp.shape(jax.tree.leaves(batches)[0])[0] == 1:
-        return batches
-    return jax.tree.map(lambda a: a[start:stop], batches)
-
-
-def _guarded_step(inner, optimizer, params, opt_state, h, batch):
-    """One inner optimizer step on ``inner(params, h, batch)``, not applied if non-finite.
-
-    Returns ``(params, opt_state, loss, applied)``.
-    """
-    (value, _), grad = jax.value_and_grad(inner, has_aux=True)(params, h, batch)
-    value_fn = lambda p: inner(p, h, batch)[0]
-    updates, new_state = optimizer.update(
-        grad, opt_state, params, value=value, grad=grad, value_fn=value_fn
-    )
-    new_params = optax.apply_updates(params, updates)
-    ok = jnp.isfinite(value) & T.tree_all_finite(grad) & T.tree_all_finite(new_params)
-    return (
-        T.tree_select(ok, new_params, params),
-        T.tree_select(ok, new_state, opt_state),
-        value,
-        ok,
-    )
-
-
-def _is_float(a) -> bool:
-    return jnp.issubdtype(jnp.result_type(a), jnp.inexact)
-
-
-def _float_leaves(tree) -> list:
-    return [a for a in jax.tree.leaves(tree) if _is_float(a)]
-
-
-def implicit_hypergradient(
-    inner_loss: Callable,
-    outer_loss: Callable,
-    params: PyTree,
-    hparams: PyTree,
-    inner_batch: PyTree,
-    outer_batch: PyTree,
-    linear_solver: solvers.LinearSolver,
-    init: PyTree | None = None,
-):
-    r"""Implicit hypergradient at ``params`` with the linear solve's diagnostics.
-
-    .. math:: H v = \nabla_w L_V, \quad H = \nabla^2_{ww} L_B(w, h), \qquad
-       g = \nabla_h L_V - (\nabla^2_{hw} L_B)^\top v
-
-    Returns:
-      ``(g, v, stats, outer_value, outer_aux)``.
-    """
-
-    def outer(p, h):
-        return outer_loss(p, h, outer_batch)
-
-    (outer_value, outer_aux), (g_w, g_h) = jax.value_and_grad(outer, argnums=(0, 1), has_aux=True)(
-        params, hparams
-    )
-    optimality = lambda p, h: jax.grad(inner_loss)(p, h, inner_batch)
-    (mixed,), v, stats = solvers.root_vjp(
-        optimality, params, (hparams,), g_w, linear_solver, init=init
-    )
-    g = jax.tree.map(jnp.add, g_h, mixed)
-    return g, v, stats, outer_value, outer_aux
+# ----------------------------------------------------------------------------- one-shot
 
 
 class HypergradientInfo(NamedTuple):
     """Backward diagnostics of :func:`hypergradient`.
 
     Attributes:
-      linear_iterations: iterations of the linear solve (Implicit; 0 otherwise).
-      linear_residual: its relative residual (Implicit; 0 otherwise).
-      status: ``solvers.Status``: ``SUCCESS``, ``MAX_STEPS`` (the linear solve did not reach its
-        tolerance) or ``NONFINITE`` (the hypergradient is not finite).
-      linear_solution: the adjoint ``v`` (Implicit; ``None`` otherwise), to warm-start.
+      linear_iterations: iterations of the linear solve (0 for methods without one).
+      linear_residual: its relative residual (0 for methods without one).
+      status: a :class:`solvers.Status` code: ``SUCCESS``, ``LINEAR_SOLVE_FAILED`` (the linear
+        solve did not reach its tolerance) or ``NONFINITE`` (the hypergradient, the outer
+        gradient or the adjoint is not finite).
+      linear_solution: the adjoint ``v`` of Implicit (to warm-start), the tangents of Forward,
+        ``()`` otherwise: the method's memory.
     """
 
     linear_iterations: jax.Array
@@ -619,31 +585,39 @@ def hypergradient(
     *,
     method: Method | None = None,
     inner_optimizer: optax.GradientTransformation | None = None,
+    inner_state: PyTree | None = None,
     return_info: bool = False,
+    throw: bool = False,
 ):
     r"""One-shot hypergradient :math:`d L_V / d h` at given parameters.
 
-    - ``solvers.Implicit(linear_solver)``: at ``params`` (assumed to minimize ``inner_loss`` on
-      ``inner_batch``),
+    Without ``inner_optimizer``, ``inner_batch`` is one batch and no inner step runs: the method
+    differentiates at ``params`` (only meaningful for ``solvers.Implicit``, which assumes
+    ``params`` minimizes ``inner_loss``):
 
-      .. math:: H v = \nabla_w L_V, \quad H = \nabla^2_{ww} L_B(w, h), \qquad
-         g = \nabla_h L_V - (\nabla^2_{hw} L_B)^\top v
+    .. math:: H v = \nabla_w L_V, \quad H = \nabla^2_{ww} L_B(w, h), \qquad
+       g = \nabla_h L_V - (\nabla^2_{hw} L_B)^\top v
 
-    - ``solvers.Unrolled()`` / ``solvers.Truncated(steps=K)`` / ``bilevel.Forward()``: run one
-      ``inner_optimizer`` step per leading entry of ``inner_batch`` (stacked batches) from
-      ``params`` and a fresh optimizer state, then differentiate ``L_V`` at the end w.r.t. ``h``
-      through all steps (reverse mode), the last ``K`` (reverse mode), or all (forward mode).
+    With ``inner_optimizer``, ``inner_batch`` holds stacked batches (a leading axis of ``n``
+    steps): ``n`` guarded ``inner_optimizer`` steps run from ``params`` and ``inner_state``
+    (default: a fresh optimizer state), and the method differentiates ``L_V`` at the end (the
+    implicit system on the last batch; through all steps for ``Unrolled``, the last ``K`` for
+    ``Truncated``, forward tangents from zero for ``Forward``): the hypergradient
+    ``BilevelOptimizer.step`` applies from that state. Every setting of the method is honoured
+    (``checkpoint_every``, ``decay``); ``Implicit.warm_start`` has no previous solve here.
 
     Args:
       inner_loss, outer_loss: ``loss(params, h, batch) -> scalar``.
       params: parameters.
       hparams: hyperparameter values ``h`` (the loss convention's constrained values; the
         gradient is w.r.t. these).
-      inner_batch: the batch defining the Hessian (Implicit), or stacked batches.
+      inner_batch: the batch defining the Hessian, or stacked batches (with ``inner_optimizer``).
       outer_batch: validation batch.
-      method: strategy (default ``solvers.Implicit()``).
-      inner_optimizer: Optax transformation, required by the unrolled methods.
+      method: a :class:`solvers.AbstractMethod` (default ``solvers.Implicit()``).
+      inner_optimizer: Optax transformation running the inner steps.
+      inner_state: its state (default ``inner_optimizer.init(params)``).
       return_info: also return :class:`HypergradientInfo`.
+      throw: raise instead of reporting a ``NONFINITE`` or ``LINEAR_SOLVE_FAILED`` status.
 
     Returns:
       ``g`` shaped like ``hparams``, or ``(g, info)``.
@@ -658,64 +632,83 @@ def hypergradient(
     """
     method = solvers.Implicit() if method is None else method
     _check_method(method)
-    inner = _call(_loss_value(inner_loss, False), "inner_loss", [])
-    outer = _call(_loss_value(outer_loss, False), "outer_loss", [])
-    if isinstance(method, solvers.Implicit):
-        g, v, stats, _, _ = implicit_hypergradient(
-            lambda p, h, b: inner(p, h, b)[0],
-            outer,
-            params,
-            hparams,
-            inner_batch,
-            outer_batch,
-            method.linear_solver,
-        )
-        status = jnp.where(stats.converged, solvers.Status.SUCCESS, solvers.Status.MAX_STEPS)
-        info = HypergradientInfo(stats.iterations, stats.residual, status, v)
+    if outer_batch is None:
+        raise ValueError("outer_batch is None: pass the validation batch for outer_loss")
+    params = jax.tree.map(jnp.asarray, params)
+    hparams = jax.tree.map(jnp.asarray, hparams)
+    inner = _loss(inner_loss, "inner_loss", False)
+    outer = _loss(outer_loss, "outer_loss", False)
+    if inner_optimizer is None:
+        if inner_state is not None:
+            raise ValueError("inner_state= needs inner_optimizer= (the optimizer it belongs to)")
+        n, inner_state = 0, ()
+        loop = TrainingLoop(inner, None, lambda h: h, 0, shared=inner_batch)
     else:
         if not isinstance(inner_optimizer, optax.GradientTransformation):
             raise TypeError(
-                f"{type(method).__name__} needs inner_optimizer= (an Optax "
-                "transformation) to run the inner steps"
+                f"inner_optimizer must be an optax.GradientTransformation, got {inner_optimizer!r}"
             )
         leaves = jax.tree.leaves(inner_batch)
         n = jnp.shape(leaves[0])[0] if leaves and jnp.ndim(leaves[0]) else 0
         if n < 1 or any(jnp.ndim(a) == 0 or jnp.shape(a)[0] != n for a in leaves):
             raise ValueError(
-                "unrolled methods take inner_batch as stacked batches: every leaf "
-                "needs the same leading axis (one entry per inner step)"
+                "with inner_optimizer, inner_batch holds stacked batches: every leaf needs the "
+                f"same leading axis (one entry per inner step); got {T.describe(inner_batch)}"
             )
-        k = method.steps if isinstance(method, solvers.Truncated) else n
-        if k > n:
-            raise ValueError(f"Truncated(steps={k}) needs at least {k} stacked inner batches")
         opt = optax.with_extra_args_support(inner_optimizer)
+        inner_state = opt.init(params) if inner_state is None else inner_state
+        loop = TrainingLoop(inner, opt, lambda h: h, n, xs=inner_batch)
+    try:
+        method.validate(n)
+    except ValueError as e:
+        if n == 0:
+            raise ValueError(
+                f"{e}. Without inner_optimizer= no inner step runs; pass inner_optimizer= and "
+                "stacked inner batches for this method"
+            ) from None
+        raise
+    carry = _Carry(params, inner_state, jnp.asarray(0, jnp.int32))
+    hg = method.hypergradient(loop, carry, hparams, lambda p, h: outer(p, h, outer_batch), None)
+    if throw:
+        solvers.error_if_failed(hg.status, "bilevel.hypergradient")
+    if not return_info:
+        return hg.grad
+    info = HypergradientInfo(hg.linear_iterations, hg.linear_residual, hg.status, hg.memory)
+    return hg.grad, info
 
-        def run(p, s, h, batches):
-            def body(c, b):
-                p, s, _, _ = _guarded_step(inner, opt, *c, h, b)
-                return (p, s), None
 
-            return lax.scan(body, (p, s), batches)[0]
+def implicit_hypergradient(
+    inner_loss: Callable,
+    outer_loss: Callable,
+    params: PyTree,
+    hparams: PyTree,
+    inner_batch: PyTree,
+    outer_batch: PyTree,
+    linear_solver: solvers.LinearSolver,
+    init: PyTree | None = None,
+):
+    r"""Implicit hypergradient at ``params`` with the linear solve's diagnostics.
 
-        head = jax.tree.map(lambda a: a[: n - k], inner_batch)
-        tail = jax.tree.map(lambda a: a[n - k :], inner_batch)
-        p0, s0 = lax.stop_gradient(run(params, opt.init(params), lax.stop_gradient(hparams), head))
+    .. math:: H v = \nabla_w L_V, \quad H = \nabla^2_{ww} L_B(w, h), \qquad
+       g = \nabla_h L_V - (\nabla^2_{hw} L_B)^\top v
 
-        def val(h):
-            p, _ = run(p0, s0, h, tail)
-            return outer(p, h, outer_batch)[0]
+    ``solvers.Implicit(linear_solver=...)``'s hypergradient, warm-started from ``init``;
+    ``outer_loss`` returns ``(value, aux)``.
 
-        if isinstance(method, Forward):
-            h_flat, unravel = ravel_pytree(hparams)
-            g = unravel(jax.jacfwd(lambda hf: val(unravel(hf)))(h_flat))
-        else:
-            g = jax.grad(val)(hparams)
-        zero = jnp.zeros((), T.result_dtype(g))
-        info = HypergradientInfo(
-            jnp.asarray(0, jnp.int32), zero, jnp.asarray(solvers.Status.SUCCESS, jnp.int32), None
-        )
-    finite = T.tree_all_finite(g)
-    info = info._replace(
-        status=jnp.where(finite, info.status, solvers.Status.NONFINITE).astype(jnp.int32)
+    Returns:
+      ``(g, v, stats, outer_value, outer_aux)``.
+    """
+    method = solvers.Implicit(linear_solver=linear_solver, warm_start=init is not None)
+    inner = lambda p, h, b: (inner_loss(p, h, b), None)
+    loop = TrainingLoop(inner, None, lambda h: h, 0, shared=inner_batch)
+    carry = _Carry(params, (), jnp.asarray(0, jnp.int32))
+    hg = method.hypergradient(
+        loop, carry, hparams, lambda p, h: outer_loss(p, h, outer_batch), init
     )
-    return (g, info) if return_info else g
+    stats = solvers.SolveStats(
+        hg.linear_iterations,
+        hg.linear_residual,
+        hg.status == solvers.Status.SUCCESS,
+    )
+    v = hg.memory if init is not None else hg.checks[1]
+    return hg.grad, v, stats, hg.value, hg.aux

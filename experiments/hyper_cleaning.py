@@ -240,7 +240,7 @@ def run_bilevel(model, method_name, args, cfg, space, val, test, corrupted, rho,
         state, metrics = compiled(state, val)
         jax.block_until_ready(state)
         wall += time.perf_counter() - t
-        converged.append(bool(metrics["linear_converged"]))
+        converged.append(int(metrics["status"]) == int(solvers.Status.SUCCESS))
         bar.update(1)
         if (i + 1) % args.eval_every == 0 or i + 1 == args.outer_steps:
             history.append(record(i + 1, wall))
@@ -255,7 +255,7 @@ def run_bilevel(model, method_name, args, cfg, space, val, test, corrupted, rho,
         "compile_s": compile_s,
         "val_loss": final["val_loss"],
         "skipped": int(metrics.get("skipped", 0)),
-        "linear_converged": float(np.mean(converged)) if converged else float("nan"),
+        "solve_success": float(np.mean(converged)) if converged else float("nan"),
         "history": history,
     }
 
@@ -301,7 +301,7 @@ def run_baseline(model, name, args, cfg, n, val, test, bar):
         "compile_s": compile_s,
         "val_loss": val_loss,
         "skipped": 0,
-        "linear_converged": float("nan"),
+        "solve_success": float("nan"),
         "history": [],
     }
 
@@ -403,7 +403,7 @@ def main(argv=None):
 
     columns = ["method", "model", "test_error", "precision", "recall", "wall_s", "compile_s"]
     rows = [
-        {c: r[c] for c in [*columns, "val_loss", "skipped", "linear_converged"]} for r in results
+        {c: r[c] for c in [*columns, "val_loss", "skipped", "solve_success"]} for r in results
     ]
     _common.save_json(
         out / "hyper_cleaning.json",

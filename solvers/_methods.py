@@ -127,8 +127,7 @@ class InnerLoop(abc.ABC):
         """
         n = stop - start
         if n <= 0:
-            out = jax.eval_shape(lambda c: body(c, self._input(start))[1], init)
-            return init, jax.tree.map(lambda s: jnp.zeros((0, *s.shape), s.dtype), out)
+            return init, self.empty_outs(body, init)
         if self.xs is None:
             xs = None
             scan_body = lambda c, _: body(c, self.shared)
@@ -156,6 +155,12 @@ class InnerLoop(abc.ABC):
             c, more = lax.scan(scan_body, c, tail, length=rest)
             outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs, more)
         return c, outs
+
+    def empty_outs(self, body: Callable, init: PyTree) -> PyTree:
+        """The stacked outputs of zero steps (default: traced from one call of ``body``)."""
+        x = self._input(0) if self.num_steps else self.shared
+        out = jax.eval_shape(lambda c: body(c, x)[1], init)
+        return jax.tree.map(lambda s: jnp.zeros((0, *s.shape), s.dtype), out)
 
     def _input(self, i: int) -> PyTree:
         if self.xs is None:
@@ -406,7 +411,7 @@ class Implicit(AbstractMethod):
         (value, aux), (g_w, g_theta) = jax.value_and_grad(outer, argnums=(0, 1), has_aux=True)(
             params, theta
         )
-        init = memory if (self.warm_start and memory is not None and memory != ()) else None
+        init = memory if (self.warm_start and _has_memory(memory)) else None
         (mixed,), v, stats = root_vjp(
             loop.optimality, params, (theta,), g_w, self.linear_solver, init=init
         )
@@ -561,7 +566,7 @@ class Forward(AbstractMethod):
     def hypergradient(self, loop, carry, theta, outer, memory=None):
         theta_flat, unravel = ravel_pytree(theta)
         eye = jnp.eye(theta_flat.size, dtype=theta_flat.dtype)
-        z = self.init(loop, carry, theta) if memory is None or memory == () else memory
+        z = memory if _has_memory(memory) else self.init(loop, carry, theta)
         decay = self.decay
         carry = loop.restart(carry, theta, 0)
 
@@ -591,6 +596,11 @@ class Forward(AbstractMethod):
         g_flat = jax.vmap(lambda zw: T.tree_vdot(zw, g_w))(z_params) + ravel_pytree(g_theta)[0]
         g = unravel(g_flat.astype(theta_flat.dtype))
         return _finish(carry, outs, value, aux, g, z, checks=(g_w,))
+
+
+def _has_memory(memory) -> bool:
+    """Memory from a previous call (``None`` and ``()`` mean none)."""
+    return memory is not None and not (isinstance(memory, tuple) and memory == ())
 
 
 def _is_float(a) -> bool:
