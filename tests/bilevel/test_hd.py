@@ -735,6 +735,29 @@ def test_same_result_inside_inject_hyperparams(factory, kwargs):
         optax.tree_utils.tree_get(state_inject, "learning_rate")
 
 
+@pytest.mark.parametrize(
+    ("factory", "hparams"),
+    [
+        (bilevel.hd_sgd, {"learning_rate": 1e-3, "hyper_lr": 1e-6}),
+        (bilevel.hd_sgd, {"learning_rate": 1e-3, "hyper_lr": 1e-6, "momentum": 0.0}),
+        (bilevel.hd_adam, {"learning_rate": 1e-3, "hyper_lr": 1e-6}),
+    ],
+    ids=["hd_sgd_default", "hd_sgd_momentum_0", "hd_adam_default"],
+)
+def test_can_be_wrapped_in_inject_hyperparams(factory, hparams):
+    """optax/contrib/_common_test.py: equality of new optimizer states, no static_args."""
+    opt = factory(**hparams)
+    opt_inject = optax.inject_hyperparams(factory)(**hparams)
+    initial, _, objective = parabola(jnp.float32)
+    state, state_inject = jax.jit(opt.init)(initial), jax.jit(opt_inject.init)(initial)
+    grads = jax.grad(objective)(initial)
+    updates, new_state = jax.jit(opt.update)(grads, state, initial)
+    updates_inject, new_state_inject = jax.jit(opt_inject.update)(grads, state_inject, initial)
+    assert jax.tree.structure(new_state_inject.inner_state) == jax.tree.structure(new_state)
+    assert_trees_all_close(updates_inject, updates, rtol=1e-5)
+    assert_trees_all_close(new_state_inject.inner_state, new_state, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 @pytest.mark.parametrize("name", ["hd_sgd_nesterov", "hd_adam_mult_per_leaf"])
 def test_state_dtype_stable_under_cond(name, dtype):
