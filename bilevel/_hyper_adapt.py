@@ -12,12 +12,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
-from bilevel._hd import _check_bounds, _check_nonnegative, _concrete
-from solvers import tree as T
+import solvers
+from bilevel._hd import _check_bounds, _check_nonnegative, _concrete, _zero_sum
 
 __all__ = ["PROBABILITY_HYPERPARAMS", "HyperAdaptState", "hyper_adapt"]
+
+#: Hyperparameter names kept positive: at least ``finfo(dtype).tiny`` (and within their bounds).
+POSITIVE_HYPERPARAMS = frozenset({"learning_rate"})
 
 #: Hyperparameter names treated as probabilities: kept in ``[eps, 1 - eps]`` (strictly inside
 #: (0, 1)), with ``eps = max(1e-6, finfo(dtype).eps)``.
@@ -37,8 +39,9 @@ class HyperAdaptState(NamedTuple):
         of the previous update with respect to that hyperparameter,
         :math:`\\partial u_{t-1} / \\partial h` (a pytree like the updates). A tuple rather than
         a dict, so that ``optax.tree_utils.tree_get(state, name)`` finds only the hyperparameter.
-      skipped: number of steps with a non-finite gradient, int32; on those steps the
-        hyperparameters and ``tangents`` kept their values.
+      skipped: number of steps not applied because something they produced (gradient,
+        ``hyper_grads``, new hyperparameters, new inner state, update) was not finite, int32,
+        saturating; such a step returned a zero update and kept the whole previous state.
     """
 
     count: jax.Array
@@ -122,12 +125,19 @@ def hyper_adapt(
     \text{finfo.eps})`, and clips the others to ``bounds``. For ``learning_rate`` of
     ``optax.sgd`` this is exactly :func:`bilevel.hd_sgd`.
 
+    ``learning_rate`` is also kept at least ``jnp.finfo(dtype).tiny``, so it never becomes zero
+    or negative (as in :func:`bilevel.hd_sgd`).
+
     ``update(grads, state, params, hyper_grads=val_grads)`` uses the gradient of a held-out loss
-    in place of :math:`g_t` (online validation hypergradient). On a step with a non-finite
-    gradient the hyperparameters and stored derivatives keep their values and
-    ``state.skipped`` increments. Entries of a derivative that forward mode finds non-finite
-    at an otherwise finite step are 0/0 at a singular point where the update does not depend on
-    :math:`h` (e.g. :math:`\\partial\\sqrt{v}/\\partial b_2` at :math:`v = 0`) and are stored as 0.
+    in place of :math:`g_t` (online validation hypergradient). A step is applied only when the
+    gradient, ``hyper_grads``, the new hyperparameters, the new inner state (e.g. Adam's moments)
+    and the update are finite (:func:`solvers.guard`, with the flag fused into the passes that
+    compute them); otherwise the update is zero, the whole previous state (hyperparameters,
+    inner moments, stored derivatives) is kept and ``state.skipped`` increments, so the next
+    finite step continues as if the bad one never happened. Entries of a derivative that forward
+    mode finds non-finite at an otherwise finite step are 0/0 at a singular point where the
+    update does not depend on :math:`h` (e.g. :math:`\\partial\\sqrt{v}/\\partial b_2` at
+    :math:`v = 0`) and are stored as 0.
 
     The current values live in the injected state: ``state.inner_state.hyperparams["b1"]``;
     ``optax.tree_utils.tree_get(state, "b1")`` finds them too, as long as no other part of the
@@ -138,7 +148,8 @@ def hyper_adapt(
       inner: an ``optax.inject_hyperparams(factory)(...)`` transformation. The adapted
         hyperparameters must be passed to it as floats (not schedules).
       hyper_lr: maps hyperparameter names (``"learning_rate"``, ``"b1"``, ``"momentum"``,
-        ``"weight_decay"``, ...) to their hypergradient step sizes :math:`\beta_h \ge 0`.
+        ``"weight_decay"``, ...) to their hypergradient step sizes :math:`\beta_h \ge 0`
+        (Python, NumPy or JAX scalars).
       bounds: maps names to ``(lo, hi)`` clipping intervals (either end may be ``None``); for
         probabilities they are intersected with :math:`[\epsilon, 1-\epsilon]`.
 
@@ -205,6 +216,9 @@ def hyper_adapt(
             margin = _probability_margin(value.dtype)
             lo = margin if lo is None else max(lo, margin)
             hi = 1.0 - margin if hi is None else min(hi, 1.0 - margin)
+        if name in POSITIVE_HYPERPARAMS:
+            floor = float(jnp.finfo(value.dtype).tiny)
+            lo = floor if lo is None else max(lo, floor)
         if lo is None and hi is None:
             return value
         return jnp.clip(value, lo, hi).astype(value.dtype)
@@ -225,20 +239,25 @@ def hyper_adapt(
         source = grads if hyper_grads is None else hyper_grads
         hparams = state.inner_state.hyperparams
 
-        # h_t = h_{t-1} - beta_h <g_t, du_{t-1}/dh>.
+        # h_t = h_{t-1} - beta_h <g_t, du_{t-1}/dh>: one fused pass over the gradient for all
+        # names. The stored tangents are finite, so the inner products are finite exactly when
+        # the gradient is; 0 * g adds the training gradient when hyper_grads replaces it.
+        dtypes = [hparams[n].dtype for n in names]
+        dots = [jnp.zeros((), dt) for dt in dtypes]
+        leaves_t = [jax.tree.leaves(t) for t in state.tangents]
+        leaves_g = jax.tree.leaves(grads) if hyper_grads is not None else None
+        for i, x in enumerate(jax.tree.leaves(source)):
+            for k, dt in enumerate(dtypes):
+                term = x.astype(dt) * leaves_t[k][i].astype(dt)
+                if k == 0 and leaves_g is not None:
+                    term = term + 0 * leaves_g[i].astype(dt)
+                dots[k] = dots[k] + jnp.sum(term)
         candidate = {}
-        for name, tangent in zip(names, state.tangents, strict=True):
+        for name, dot in zip(names, dots, strict=True):
             h = hparams[name]
-            dot = optax.tree.vdot(
-                optax.tree.cast(source, h.dtype), optax.tree.cast(tangent, h.dtype)
-            )
             beta = jnp.asarray(hyper_lr[name], h.dtype)
             candidate[name] = project(name, h - beta * dot)
-        finite = T.tree_all_finite(grads) & T.tree_all_finite(candidate)
-        if hyper_grads is not None:
-            finite = finite & T.tree_all_finite(hyper_grads)
-        new_h = {n: jnp.where(finite, candidate[n], hparams[n]) for n in names}
-        base_state = state.inner_state._replace(hyperparams={**hparams, **new_h})
+        base_state = state.inner_state._replace(hyperparams={**hparams, **candidate})
 
         def inner_update(h):
             inner_state = base_state._replace(hyperparams={**base_state.hyperparams, **h})
@@ -247,36 +266,49 @@ def hyper_adapt(
         # u_t and du_t/dh for every adapted h, with the previous inner state held fixed.
         if len(names) == 1:
             (name,) = names
-            one = {name: jnp.ones_like(new_h[name])}
+            one = {name: jnp.ones_like(candidate[name])}
             new_updates, tangent, inner_state = jax.jvp(
-                inner_update, (new_h,), (one,), has_aux=True
+                inner_update, (candidate,), (one,), has_aux=True
             )
             tangents = (tangent,)
         else:
-            dtype = jnp.result_type(*new_h.values())
+            dtype = jnp.result_type(*candidate.values())
             eye = jnp.eye(len(names), dtype=dtype)
-            basis = {n: eye[i].astype(new_h[n].dtype) for i, n in enumerate(names)}
+            basis = {n: eye[i].astype(candidate[n].dtype) for i, n in enumerate(names)}
 
             def push(t):
-                return jax.jvp(inner_update, (new_h,), (t,), has_aux=True)
+                return jax.jvp(inner_update, (candidate,), (t,), has_aux=True)
 
             new_updates, batched, inner_state = jax.vmap(push, out_axes=(None, 0, None))(basis)
             tangents = tuple(jax.tree.map(lambda x, i=i: x[i], batched) for i in range(len(names)))
 
         # Forward mode gives 0/0 where the update does not depend on h at a singular point
         # (e.g. d sqrt(v) / d b2 at v = 0 for a coordinate whose gradients were all 0): use 0.
-        def store(t, old):
-            t = jnp.where(jnp.isfinite(t), t, 0).astype(old.dtype)
-            return jnp.where(finite, t, old)
-
         tangents = tuple(
-            jax.tree.map(store, new, old) for new, old in zip(tangents, state.tangents, strict=True)
+            jax.tree.map(
+                lambda t, old: jnp.where(jnp.isfinite(t), t, 0).astype(old.dtype), new, ref
+            )
+            for new, ref in zip(tangents, state.tangents, strict=True)
         )
+        # The step applies only if the gradient(s), the new hyperparameters (inside the new
+        # inner state) and the update are finite; the flags are fused into existing passes.
+        flag_dtype = jnp.result_type(*dtypes)
+        total = sum(d.astype(flag_dtype) for d in dots)
+        total = total + _zero_sum(inner_state, flag_dtype) + _zero_sum(new_updates, flag_dtype)
+        guarded = solvers.guard(
+            (state.inner_state, state.tangents),
+            (inner_state, tangents),
+            state.skipped,
+            finite=jnp.isfinite(total),
+        )
+        inner_state, tangents = guarded.value
+        ok = guarded.applied
+        new_updates = jax.tree.map(lambda u: jnp.where(ok, u, 0).astype(u.dtype), new_updates)
         return new_updates, HyperAdaptState(
-            count=numerics.safe_increment(state.count),
+            count=optax.safe_increment(state.count),
             inner_state=inner_state,
             tangents=tangents,
-            skipped=jnp.where(finite, state.skipped, numerics.safe_increment(state.skipped)),
+            skipped=guarded.skipped,
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

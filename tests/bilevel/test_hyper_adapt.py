@@ -5,10 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from optax._src import test_utils
 
 import bilevel
-from tests.bilevel.test_hd import jax_logloss, logreg_data, parabola, rosenbrock, run_jax
+from tests.bilevel.test_hd import (
+    assert_trees_all_close,
+    jax_logloss,
+    logreg_data,
+    parabola,
+    rosenbrock,
+    run_jax,
+)
 
 
 @pytest.mark.parametrize(
@@ -123,7 +129,7 @@ def test_stored_derivative_and_hypergradient_step_match_finite_differences(facto
 
             fd = jax.tree.map(lambda a, b, s=step: (a - b) / (2 * s), u(h + step), u(h - step))
             tangent = state.tangents[names.index(name)]
-            test_utils.assert_trees_all_close(tangent, fd, rtol=1e-6, atol=1e-9)
+            assert_trees_all_close(tangent, fd, rtol=1e-6, atol=1e-9)
             assert optax.tree.norm(fd) > 1e-6  # a derivative that can fail
         _, new_state = tx.update(grads[3], state, params)
         for i, name in enumerate(names):
@@ -170,9 +176,8 @@ def test_probabilities_stay_strictly_inside_unit_interval(dtype):
 
 def test_bounds_clip_other_hyperparameters():
     inner = optax.inject_hyperparams(optax.adamw)(learning_rate=0.1, weight_decay=0.1)
-    tx = bilevel.hyper_adapt(
-        inner, {"learning_rate": 10.0, "weight_decay": 100.0}, {"weight_decay": (0.0, 0.2)}
-    )
+    # (learning_rate is not adapted: with a step of 10 it would sit at its positive floor.)
+    tx = bilevel.hyper_adapt(inner, {"weight_decay": 100.0}, {"weight_decay": (0.0, 0.2)})
     params = jnp.ones(3)
     state = tx.init(params)
     values = []
@@ -218,7 +223,7 @@ def test_reads_and_no_recompilation_inside_chain():
     for _ in range(3000):
         params, state = step(params, state)
     assert len(traces) == 1
-    test_utils.assert_trees_all_close(params, final, rtol=3e-2, atol=3e-2)
+    assert_trees_all_close(params, final, rtol=3e-2, atol=3e-2)
     lr = optax.tree_utils.tree_get(state, "learning_rate")
     assert float(lr) != 1e-2
 
@@ -247,7 +252,7 @@ def test_converges(inner, hyper_lr, target):
     (params, state), _ = jax.jit(lambda c: jax.lax.scan(step, c, length=10_000))(
         (initial, opt.init(initial))
     )
-    test_utils.assert_trees_all_close(params, final, rtol=3e-2, atol=3e-2)
+    assert_trees_all_close(params, final, rtol=3e-2, atol=3e-2)
     assert int(state.skipped) == 0
 
 
@@ -312,3 +317,65 @@ def test_converges(inner, hyper_lr, target):
 def test_bad_static_input_raises(build, error):
     with pytest.raises(error):
         build()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e25])
+@pytest.mark.parametrize("where", ["grads", "hyper_grads"])
+def test_nonfinite_step_keeps_whole_state_and_gives_zero_update(where, bad):
+    """A NaN gradient (or a float32 1e25 overflowing Adam's nu) must not poison the moments."""
+    inner = optax.inject_hyperparams(optax.adam)(learning_rate=0.05, b1=0.8)
+    tx = bilevel.hyper_adapt(inner, {"learning_rate": 1e-3, "b1": 1e-3})
+    update = jax.jit(tx.update)
+    params = jnp.array([1.0, -2.0, 0.5])
+
+    def run(bad_at):
+        p, state = params, tx.init(params)
+        for k in range(6):
+            g = 2 * (p - 1.0)
+            h = g
+            if k == bad_at:
+                before = state
+                if where == "grads" or bad == 1e25:
+                    g = g.at[1].set(bad)
+                else:
+                    h = h.at[1].set(bad)
+                u, state = update(g, state, p, hyper_grads=h)
+                np.testing.assert_array_equal(u, 0)
+                strip = lambda st: st._replace(count=0, skipped=0)
+                assert_trees_all_close(strip(state), strip(before), rtol=0)
+                continue
+            u, state = update(g, state, p, hyper_grads=h)
+            p = optax.apply_updates(p, u)
+        return p, state
+
+    _, s_ref = run(None)
+    p_bad, s_bad = run(2)
+    assert int(s_bad.skipped) == 1 and int(s_ref.skipped) == 0
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves((p_bad, s_bad)))
+    mu = s_bad.inner_state.inner_state[0].mu
+    assert np.all(np.isfinite(mu))
+
+
+def test_learning_rate_stays_positive():
+    # validation mode on this problem drives the raw additive rule below zero (see test_hd).
+    with jax.enable_x64(True):
+        inner = optax.inject_hyperparams(optax.sgd)(learning_rate=0.5)
+        lr, _, state = _run_adapt(bilevel.hyper_adapt(inner, {"learning_rate": 2.0}), hyper=True)
+    assert lr.min() > 0 and lr.min() == np.finfo(np.float64).tiny
+    assert int(state.skipped) == 0
+
+
+def test_numpy_and_jax_scalars_are_valid():
+    # (optax.inject_hyperparams itself injects np.float64 but not np.float32 scalars)
+    inner = optax.inject_hyperparams(optax.adam)(
+        learning_rate=np.float64(1e-2), b1=jnp.asarray(0.8)
+    )
+    tx = bilevel.hyper_adapt(
+        inner,
+        {"learning_rate": np.float32(1e-3), "b1": jnp.asarray(1e-4)},
+        {"learning_rate": (np.float64(1e-4), jnp.asarray(1.0))},
+    )
+    params = jnp.ones(3)
+    state = tx.init(params)
+    _, state = tx.update(params, state, params)
+    assert int(state.skipped) == 0
