@@ -95,8 +95,11 @@ def _describe_output(out) -> str:
         return (
             f"a {type(out).__name__} of {len(out)} ({', '.join(_describe_output(o) for o in out)})"
         )
-    shape, dtype = jnp.shape(out), jnp.result_type(out) if hasattr(out, "dtype") else type(out)
-    return f"an array of shape {shape} and dtype {dtype}"
+    if hasattr(out, "shape") and hasattr(out, "dtype"):
+        return f"an array of shape {tuple(out.shape)} and dtype {out.dtype}"
+    if isinstance(out, float | int):
+        return f"a Python {type(out).__name__}"
+    return f"a {type(out).__name__} {T.describe(out)}"
 
 
 def _loss(fn: Callable, name: str, has_aux: bool) -> Callable:
@@ -488,6 +491,16 @@ class BilevelOptimizer:
     def _step_impl(self, state, inner_batches, outer_batch):
         loop = self._loop(inner_batches)
         carry = _Carry(state.params, state.inner_state, state.inner_skipped)
+        expected = jax.eval_shape(lambda: self.method.init(loop, carry, state.hparams))
+        got = jax.eval_shape(lambda: state.method_state)
+        if jax.tree.structure(expected) != jax.tree.structure(got) or jax.tree.leaves(
+            jax.tree.map(lambda a, b: a.shape != b.shape, expected, got)
+        ) != [False] * len(jax.tree.leaves(expected)):
+            raise ValueError(
+                f"state.method_state does not fit {self.method!r}: the state was made by a "
+                "BilevelOptimizer with another method (or other settings). Build the state "
+                "with this optimizer's init(...)"
+            )
 
         def outer(p, u):
             return self._outer(p, _values(self.space, u), outer_batch)

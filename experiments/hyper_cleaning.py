@@ -402,9 +402,7 @@ def main(argv=None):
     bar.close()
 
     columns = ["method", "model", "test_error", "precision", "recall", "wall_s", "compile_s"]
-    rows = [
-        {c: r[c] for c in [*columns, "val_loss", "skipped", "solve_success"]} for r in results
-    ]
+    rows = [{c: r[c] for c in [*columns, "val_loss", "skipped", "solve_success"]} for r in results]
     _common.save_json(
         out / "hyper_cleaning.json",
         {

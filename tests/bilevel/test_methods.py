@@ -259,20 +259,33 @@ def test_a_new_method_is_one_class_that_every_caller_accepts():
         return outer_loss(w, h, batch) + 0.1 * h["lam"] ** 2
 
     g = bilevel.hypergradient(
-        inner_loss, outer_with_penalty, jnp.zeros(X.shape[1]), {"lam": 0.5}, (X, y), (Xv, yv),
+        inner_loss,
+        outer_with_penalty,
+        jnp.zeros(X.shape[1]),
+        {"lam": 0.5},
+        (X, y),
+        (Xv, yv),
         method=FirstOrder(),
     )
     np.testing.assert_allclose(g["lam"], 0.1, rtol=1e-5)  # only the direct term 2 * 0.1 * 0.5
     opt = bilevel.BilevelOptimizer(
-        inner_loss, outer_with_penalty, inner_optimizer=optax.sgd(ETA),
-        outer_optimizer=optax.sgd(0.1), space={"lam": H.real(0.5)}, method=FirstOrder(),
+        inner_loss,
+        outer_with_penalty,
+        inner_optimizer=optax.sgd(ETA),
+        outer_optimizer=optax.sgd(0.1),
+        space={"lam": H.real(0.5)},
+        method=FirstOrder(),
         inner_steps=3,
     )
     state, metrics = opt.step(opt.init(jnp.zeros(X.shape[1])), full_batches(X, y, 3), (Xv, yv))
     np.testing.assert_allclose(opt.hparams(state)["lam"], 0.5 - 0.1 * 0.1, rtol=1e-5)
     w = solvers.argmin(
-        lambda w, lam: inner_loss(w, {"lam": lam}, (X, y)), jnp.zeros(X.shape[1]), 0.5,
-        optimizer=optax.sgd(ETA), steps=5, adjoint=FirstOrder(),
+        lambda w, lam: inner_loss(w, {"lam": lam}, (X, y)),
+        jnp.zeros(X.shape[1]),
+        0.5,
+        optimizer=optax.sgd(ETA),
+        steps=5,
+        adjoint=FirstOrder(),
     )
     assert w.shape == (X.shape[1],)
 
