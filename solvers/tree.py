@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 
@@ -69,7 +70,7 @@ def result_dtype(x: PyTree) -> jnp.dtype:
 
 def describe(x: PyTree) -> str:
     """A short description of a pytree's structure and leaf shapes, for error messages."""
-    shapes = jax.tree.map(lambda a: f"{jnp.dtype(a.dtype).name}{list(jnp.shape(a))}", x)
+    shapes = jax.tree.map(lambda a: f"{jnp.result_type(a).name}{list(np.shape(a))}", x)
     return str(shapes)
 
 

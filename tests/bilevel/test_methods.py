@@ -277,7 +277,7 @@ def test_a_new_method_is_one_class_that_every_caller_accepts():
         method=FirstOrder(),
         inner_steps=3,
     )
-    state, metrics = opt.step(opt.init(jnp.zeros(X.shape[1])), full_batches(X, y, 3), (Xv, yv))
+    state, _metrics = opt.step(opt.init(jnp.zeros(X.shape[1])), full_batches(X, y, 3), (Xv, yv))
     np.testing.assert_allclose(opt.hparams(state)["lam"], 0.5 - 0.1 * 0.1, rtol=1e-5)
     w = solvers.argmin(
         lambda w, lam: inner_loss(w, {"lam": lam}, (X, y)),

@@ -71,7 +71,7 @@ def test_nan_validation_gradient_is_skipped_not_applied_as_zero():
     assert int(m["skipped"]) == 1
     assert int(m["status"]) == solvers.Status.NONFINITE
     np.testing.assert_array_equal(new.hparams["wd"], state.hparams["wd"])
-    g, info = bilevel.hypergradient(
+    _g, info = bilevel.hypergradient(
         inner, sqrt_norm, jnp.zeros(D), {"wd": 0.1}, (X, y), (X, y), return_info=True
     )
     assert int(info.status) == solvers.Status.NONFINITE
@@ -159,7 +159,7 @@ def test_missing_batch_key_is_the_users_error_not_a_missing_hyperparameter():
 def test_lbfgs_inner_with_reverse_methods_and_lbfgs_outer_are_clear_errors():
     X, y = data()
     opt = tuner(solvers.Truncated(steps=2), inner_optimizer=optax.lbfgs())
-    with pytest.raises(ValueError, match="while_loop.*lbfgs"):
+    with pytest.raises(ValueError, match=r"while_loop.*lbfgs"):
         opt.step(opt.init(jnp.zeros(D)), stacked(X, y), (X, y))
     # Forward mode and Implicit work through L-BFGS.
     for method in (bilevel.Forward(), solvers.Implicit()):
@@ -174,7 +174,7 @@ def test_state_of_another_method_and_none_outer_batch_are_clear_errors():
     X, y = data()
     implicit_state = tuner().init(jnp.zeros(D))
     opt = tuner(bilevel.Forward())
-    with pytest.raises(ValueError, match="method_state.*another method"):
+    with pytest.raises(ValueError, match=r"method_state.*another method"):
         opt.step(implicit_state, stacked(X, y), (X, y))
     with pytest.raises(ValueError, match="outer_batch is None"):
         opt.step(opt.init(jnp.zeros(D)), stacked(X, y), None)
@@ -203,10 +203,10 @@ def test_throw_raises_instead_of_reporting():
     X, y = data()
     sqrt_norm = lambda w, h, b: jnp.sqrt(jnp.sum(w**2))
     opt = tuner(outer_loss=sqrt_norm, inner_optimizer=optax.sgd(0.0), throw=True)
-    with pytest.raises(Exception, match="BilevelOptimizer.step failed"):
+    with pytest.raises(Exception, match=r"BilevelOptimizer\.step failed"):
         state, _ = opt.step(opt.init(jnp.zeros(D)), stacked(X, y), (X, y))
         jax.block_until_ready(state)
-    with pytest.raises(RuntimeError, match="bilevel.hypergradient failed"):
+    with pytest.raises(RuntimeError, match=r"bilevel\.hypergradient failed"):
         bilevel.hypergradient(
             inner, sqrt_norm, jnp.zeros(D), {"wd": 0.1}, (X, y), (X, y), throw=True
         )
