@@ -4,20 +4,27 @@ Every solver is an immutable (frozen, hashable) configuration object. Calling it
 ``solve(matvec, b, init=None)`` returns ``(x, stats)`` where ``stats`` is a :class:`SolveStats`.
 ``matvec`` is only ever called, never materialized (except by :class:`Direct`), so ``A`` can be a
 Hessian given as a Hessian-vector product. A solve that stops before reaching ``tol`` returns its
-last iterate (never zeros in place of an answer) and says so in ``stats.converged``.
+last iterate (never zeros in place of an answer) and says so in ``stats.converged``; a NaN or inf
+in ``b`` or in ``A v`` always shows as a non-finite ``stats.residual`` (never as a finite answer).
+
+Solves are differentiable in both modes: ``x`` is returned through ``lax.custom_linear_solve``, so
+``jax.grad``/``jax.jvp`` of ``x`` with respect to ``b``, to values ``matvec`` closes over, and to a
+call-time ``ridge`` use the implicit derivative ``A^{-1}`` (one more solve), never the iterations.
+The stats are not differentiated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from solvers import checks
 from solvers import tree as T
 
 PyTree = Any
@@ -39,73 +46,144 @@ class SolveStats(NamedTuple):
     converged: jax.Array
 
 
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+MAXITER_CAP = 1000
+"""Largest default iteration budget of CG and BiCGSTAB (see :func:`default_maxiter`)."""
 
 
-def _check_nonneg(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if value == float("inf"):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+def default_maxiter(n: int) -> int:
+    """Default iteration budget of CG and BiCGSTAB for ``n`` unknowns: ``min(10 n, 1000)``.
+
+    ``n`` iterations are exact only in exact arithmetic: in floating point CG loses conjugacy and
+    a 10 x 10 system of condition 1e4 still has a relative residual of 0.17 after 10 iterations
+    in float32 (and 3 x 3 systems need a 4th). ``10 n`` is the budget of jaxopt and SciPy; the
+    cap keeps a non-converging solve on a large network (``n`` in the millions) from running
+    millions of Hessian-vector products. Pass ``maxiter`` to choose another budget.
+    """
+    return min(10 * n, MAXITER_CAP)
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    """Store a normalized field on a frozen dataclass (plain Python numbers stay hashable)."""
+    object.__setattr__(obj, name, value)
+
+
+def _is_tracer(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LinearSolver:
     """Base class: validates inputs, applies Tikhonov damping, computes the relative residual.
 
-    Subclasses implement ``_solve(matvec, b, x0) -> (x, iterations, residual_norm)``.
+    Subclasses implement ``_solve(matvec, b, x0, bnorm) -> (x, iterations, residual_norm)``.
     """
 
     ridge: float = 0.0
+    # The operator is assumed symmetric (CG, Neumann): reverse mode reuses the forward solve.
+    _symmetric: ClassVar[bool] = False
 
     def __post_init__(self):
-        _check_nonneg("ridge", self.ridge)
+        _set(self, "ridge", checks.number("ridge", self.ridge, low=0.0))
 
     @property
     def _tol(self) -> float:
         return getattr(self, "tol", 0.0)
 
-    def __call__(self, matvec: Matvec, b: PyTree, init: PyTree | None = None):
+    def __call__(
+        self,
+        matvec: Matvec,
+        b: PyTree,
+        init: PyTree | None = None,
+        *,
+        ridge: float | jax.Array | None = None,
+    ):
         """Solve ``(A + ridge I) x = b``.
 
         Args:
           matvec: linear function ``v -> A v`` on pytrees shaped like ``b``.
-          b: right-hand side pytree (floating leaves).
+          b: right-hand side pytree (floating leaves; Python floats are converted to arrays).
           init: optional initial guess shaped like ``b`` (warm start); zeros when ``None``. A
             guess whose residual exceeds ``||b||`` (worse than zero) is replaced by zeros, so a
-            warm start never makes a solve worse than a cold one.
+            warm start never makes a solve worse than a cold one. It gets no derivative.
+          ridge: damping for this call, overriding the configured ``ridge``; may be a traced JAX
+            scalar (a hyperparameter inside ``jit``/``grad``), in which case it is not validated
+            and ``x`` is differentiable with respect to it.
 
         Returns:
-          ``(x, stats)``: the solution pytree and a :class:`SolveStats`.
+          ``(x, stats)``: the solution pytree and a :class:`SolveStats`. ``x`` is differentiable
+          (``jax.grad``/``jax.jvp``, through ``lax.custom_linear_solve``); ``stats`` is not.
         """
+        b, init, ridge = self._prepare(matvec, b, init, ridge)
+        mv = _damped(_cast_like(matvec, b), ridge)
+
+        def solve(op, rhs):
+            return self._run(op, rhs, init)
+
+        def transpose_solve(op, rhs):  # the warm start belongs to the forward system only
+            return self._run(op, rhs, None)
+
+        try:
+            x, stats = lax.custom_linear_solve(
+                mv, b, solve, transpose_solve, symmetric=self._symmetric, has_aux=True
+            )
+        except Exception:
+            if self._symmetric:
+                raise
+            x, stats = lax.custom_linear_solve(mv, b, solve, None, has_aux=True)
+        return x, SolveStats(*(jnp.asarray(s) for s in stats))
+
+    def _prepare(self, matvec, b, init, ridge):
+        """Validate the call; return ``b`` and ``init`` as arrays and the ridge to use."""
         if not jax.tree.leaves(b):
             raise ValueError("b must be a pytree with at least one array leaf")
         for leaf in jax.tree.leaves(b):
             if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-                raise TypeError(f"b must have floating leaves, got {T.describe(b)}")
+                raise TypeError(
+                    f"b must have floating leaves, got {T.describe(b)}; cast it with "
+                    "jnp.asarray(b, jnp.float32)"
+                )
+        b = jax.tree.map(jnp.asarray, b)
         out = jax.eval_shape(matvec, b)
         T.check_same_structure(b, out, "matvec(b) must have the structure of b")
-        if init is None:
-            x0 = None
-        else:
+        if init is not None:
             T.check_same_structure(b, init, "init must have the structure of b")
-            x0 = jax.tree.map(lambda i, r: jnp.asarray(i, jnp.result_type(r)), init, b)
-        if self.ridge:
-            base = matvec
-            matvec = lambda v: T.tree_add_scaled(base(v), self.ridge, v)
+            init = jax.tree.map(lambda i, r: jnp.asarray(i, r.dtype), init, b)
+        if ridge is None:
+            ridge = self.ridge
+        elif not _is_tracer(ridge):
+            ridge = checks.number("ridge", ridge, low=0.0)
+        return b, init, ridge
+
+    def _run(self, matvec, b, init):
+        """The solve itself on an already damped, validated system (not differentiable)."""
         bnorm = T.tree_norm(b)
-        x, iterations, rnorm = self._solve(matvec, b, x0, bnorm)
+        x, iterations, rnorm = self._solve(matvec, b, init, bnorm)
         residual = jnp.where(bnorm > 0, rnorm / jnp.where(bnorm > 0, bnorm, 1), rnorm)
-        converged = jnp.isfinite(residual) & (residual <= self._tol) & T.tree_all_finite(x)
+        # A non-finite b (or x) must never look like a finite answer.
+        residual = jnp.where(jnp.isfinite(bnorm) & T.tree_all_finite(x), residual, jnp.nan)
+        converged = jnp.isfinite(residual) & (residual <= self._tol)
         stats = SolveStats(jnp.asarray(iterations, jnp.int32), residual, converged)
         return x, stats
 
+    def _solve_with_stats(self, matvec, b, init=None):
+        """Undifferentiated solve of ``(A + ridge I) x = b`` for callers that differentiate
+        through their own ``lax.custom_linear_solve`` (the implicit rules)."""
+        b, init, ridge = self._prepare(matvec, b, init, None)
+        return self._run(_damped(_cast_like(matvec, b), ridge), b, init)
+
     def _solve(self, matvec, b, x0, bnorm):  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def _cast_like(matvec: Matvec, b: PyTree) -> Matvec:
+    """``matvec`` with outputs cast to the dtypes of ``b`` (e.g. a float64 matrix, float32 b)."""
+    return lambda v: jax.tree.map(lambda o, r: jnp.asarray(o, r.dtype), matvec(v), b)
+
+
+def _damped(matvec: Matvec, ridge) -> Matvec:
+    if not _is_tracer(ridge) and ridge == 0:
+        return matvec
+    return lambda v: T.tree_add_scaled(matvec(v), ridge, v)
 
 
 def _initial_residual(matvec, b, x0, bnorm):
@@ -121,18 +199,19 @@ def _initial_residual(matvec, b, x0, bnorm):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _ShortRecurrence(LinearSolver):
-    """Shared configuration of CG and BiCGSTAB: ``maxiter`` (default: the unknowns) and ``tol``."""
+    """Shared configuration of CG and BiCGSTAB: ``maxiter`` (default :func:`default_maxiter`)
+    and ``tol``."""
 
     maxiter: int | None = None
     tol: float = 1e-5
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int("maxiter", self.maxiter, 1, allow_none=True)
-        _check_nonneg("tol", self.tol)
+        _set(self, "maxiter", checks.optional_integer("maxiter", self.maxiter, 1))
+        _set(self, "tol", checks.number("tol", self.tol, low=0.0))
 
     def _maxiter(self, b) -> int:
-        return self.maxiter if self.maxiter is not None else T.tree_size(b)
+        return self.maxiter if self.maxiter is not None else default_maxiter(T.tree_size(b))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -145,11 +224,12 @@ class CG(_ShortRecurrence):
     direction of non-positive curvature (``p^T A p <= 0``: ``A`` is not positive definite, as a
     neural network's Hessian often is not), reporting ``converged=False`` (truncated CG). It
     returns the last iterate, or, after non-positive curvature, the iterate of smallest residual.
-    Add ``ridge`` damping to make indefinite systems solvable.
+    Add ``ridge`` damping to make indefinite systems solvable. A non-finite ``p^T A p`` (NaN in
+    ``A v``) stops it with a NaN residual.
 
     Args:
-      maxiter: maximum number of iterations; ``None`` means the number of unknowns (exact in exact
-        arithmetic).
+      maxiter: maximum number of iterations; ``None`` means :func:`default_maxiter`
+        (``min(10 n, 1000)`` for ``n`` unknowns: ``n`` is exact only in exact arithmetic).
       tol: relative residual tolerance.
       ridge: Tikhonov damping; solves ``(A + ridge I) x = b``.
 
@@ -159,6 +239,8 @@ class CG(_ShortRecurrence):
       >>> x.round(3), bool(stats.converged)
       (Array([0.5 , 0.25], dtype=float32), True)
     """
+
+    _symmetric: ClassVar[bool] = True
 
     def _solve(self, matvec, b, x0, bnorm):
         maxiter = self._maxiter(b)
@@ -180,7 +262,8 @@ class CG(_ShortRecurrence):
             alpha = jnp.where(curved, rs / jnp.where(curved, pap, 1), 0)
             x = T.tree_add_scaled(x, alpha, p)
             r = T.tree_add_scaled(r, -alpha, ap)
-            rs_new = jnp.where(curved, T.tree_vdot(r, r), rs)
+            # NaN curvature (NaN in A p) must surface as a NaN residual, not as a truncation.
+            rs_new = jnp.where(curved, T.tree_vdot(r, r), jnp.where(jnp.isnan(pap), pap, rs))
             p = T.tree_add_scaled(r, rs_new / rs, p)
             # Track the iterate of smallest residual, the answer when curvature fails: on an
             # indefinite operator the residual of CG can grow past that of the start.
@@ -195,7 +278,7 @@ class CG(_ShortRecurrence):
         # positive-definite system, even while the residual is still large); only a run that met
         # non-positive curvature falls back to its smallest-residual iterate.
         x = T.tree_select(curved, x, x_best)
-        rs = jnp.where(curved, rs, rs_best)
+        rs = jnp.where(curved | jnp.isnan(rs), rs, rs_best)
         return x, k, jnp.sqrt(rs)
 
 
@@ -208,6 +291,9 @@ class Neumann(LinearSolver):
 
     Converges for symmetric positive-definite ``A`` when ``0 < s < 2 / lambda_max``. One matvec per
     step; the residual comes for free. Stops early when the relative residual reaches ``tol``.
+    A divergent series (``s`` too large, ``A`` indefinite) shows as a growing residual (``> 1``,
+    up to inf/NaN), never as a small one. ``steps`` is a deliberate truncation: the default 10
+    steps rarely reach ``tol`` (``converged=False`` then reports an approximate solve).
 
     Args:
       steps: number of terms ``K`` of the series (matvecs).
@@ -228,16 +314,14 @@ class Neumann(LinearSolver):
     scale: float | None = None
     tol: float = 1e-5
     power_iters: int = 20
+    _symmetric: ClassVar[bool] = True
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int("steps", self.steps, 1)
-        _check_int("power_iters", self.power_iters, 1)
-        _check_nonneg("tol", self.tol)
-        if self.scale is not None:
-            _check_nonneg("scale", self.scale)
-            if self.scale == 0:
-                raise ValueError("scale must be > 0")
+        _set(self, "steps", checks.integer("steps", self.steps, 1))
+        _set(self, "power_iters", checks.integer("power_iters", self.power_iters, 1))
+        _set(self, "tol", checks.number("tol", self.tol, low=0.0))
+        _set(self, "scale", checks.optional_number("scale", self.scale, low=0.0, low_open=True))
 
     def _solve(self, matvec, b, x0, bnorm):
         scale = (
@@ -318,9 +402,9 @@ class GMRES(LinearSolver):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int("maxiter", self.maxiter, 1)
-        _check_int("restart", self.restart, 1)
-        _check_nonneg("tol", self.tol)
+        _set(self, "maxiter", checks.integer("maxiter", self.maxiter, 1))
+        _set(self, "restart", checks.integer("restart", self.restart, 1))
+        _set(self, "tol", checks.number("tol", self.tol, low=0.0))
 
     def _solve(self, matvec, b, x0, bnorm):
         b_flat, unravel = ravel_pytree(b)
@@ -424,9 +508,14 @@ class BiCGStab(_ShortRecurrence):
     r"""Stabilized bi-conjugate gradients for general ``A`` (van der Vorst, 1992).
 
     Two matvecs per iteration; short recurrences, so memory does not grow with iterations.
+    Breakdown (``rhat^T A p = 0`` or ``rhat^T r = 0``, as on the KKT system of an
+    equality-constrained QP, where ``r_0^T A r_0 = 0``) is handled by a minimal-residual step and
+    a restart with a new (fixed pseudo-random) shadow residual, so a solvable system is still
+    solved; an unsolvable one ends at ``maxiter`` with its true (non-increasing) residual and
+    ``converged=False``. A NaN in ``A v`` stops it with a NaN residual.
 
     Args:
-      maxiter: maximum number of iterations (``None``: the number of unknowns).
+      maxiter: maximum number of iterations; ``None`` means :func:`default_maxiter`.
       tol: relative residual tolerance.
       ridge: Tikhonov damping.
 
@@ -444,32 +533,66 @@ class BiCGStab(_ShortRecurrence):
         dtype = T.result_dtype(b)
         one = jnp.ones((), dtype)
         atol = self.tol * bnorm
+        # A breakdown is an inner product this small relative to the norms of its factors.
+        small = 16 * jnp.finfo(dtype).eps
+        leaves, treedef = jax.tree.flatten(b)
+
+        def shadow(k):
+            keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), k), len(leaves))
+            return jax.tree.unflatten(
+                treedef,
+                [
+                    jax.random.normal(key, jnp.shape(a), a.dtype)
+                    for key, a in zip(keys, leaves, strict=True)
+                ],
+            )
 
         def safe_div(a, d):
             return jnp.where(d != 0, a / jnp.where(d != 0, d, 1), 0)
 
         def cond(c):
-            *_, rnorm, k = c
+            *_, rnorm, k, _ = c
             return (k < maxiter) & (rnorm > atol) & jnp.isfinite(rnorm)
 
         def body(c):
-            x, r, rhat, p, v, rho, alpha, omega, _, k = c
+            x, r, rhat, p, v, rho, alpha, omega, rnorm, k, restart = c
+            # After a breakdown: a new shadow residual and a fresh search direction.
+            rhat = T.tree_select(restart, shadow(k), rhat)
+            p, v = T.tree_select(restart, (zeros, zeros), (p, v))
+            rho, alpha, omega = (jnp.where(restart, one, a) for a in (rho, alpha, omega))
+            rhat_norm = T.tree_norm(rhat)
             rho_new = T.tree_vdot(rhat, r)
             beta = safe_div(rho_new, rho) * safe_div(alpha, omega)
             p = T.tree_add_scaled(r, beta, T.tree_add_scaled(p, -omega, v))
             v = matvec(p)
-            alpha = safe_div(rho_new, T.tree_vdot(rhat, v))
+            sigma = T.tree_vdot(rhat, v)
+            ok = (jnp.abs(sigma) > small * rhat_norm * T.tree_norm(v)) & (
+                jnp.abs(rho_new) > small * rhat_norm * rnorm
+            )
+            # On breakdown alpha = 0: the rest of the step is a minimal-residual step along r,
+            # which never increases the residual.
+            alpha = jnp.where(ok, safe_div(rho_new, sigma), 0)
             s = T.tree_add_scaled(r, -alpha, v)
             t = matvec(s)
-            omega = safe_div(T.tree_vdot(t, s), T.tree_vdot(t, t))
-            x = T.tree_add_scaled(T.tree_add_scaled(x, alpha, p), omega, s)
-            r = T.tree_add_scaled(s, -omega, t)
-            return x, r, rhat, p, v, rho_new, alpha, omega, T.tree_norm(r), k + 1
+            tt = T.tree_vdot(t, t)
+            omega = jnp.where(tt > 0, safe_div(T.tree_vdot(t, s), tt), 0)
+            finite = jnp.isfinite(sigma) & jnp.isfinite(tt)
+            x_new = T.tree_add_scaled(T.tree_add_scaled(x, alpha, p), omega, s)
+            r_new = T.tree_add_scaled(s, -omega, t)
+            # A NaN in A v: keep the last finite iterate and report a NaN residual.
+            x = T.tree_select(finite, x_new, x)
+            r = T.tree_select(finite, r_new, r)
+            rnorm = jnp.where(finite, T.tree_norm(r), jnp.nan)
+            restart = ~ok | (omega == 0)
+            return x, r, rhat, p, v, rho_new, alpha, omega, rnorm, k + 1, restart
 
         zeros = T.tree_zeros_like(b)
-        init = (x0, r0, r0, zeros, zeros, one, one, one, T.tree_norm(r0), jnp.asarray(0, jnp.int32))
+        init = (
+            x0, r0, r0, zeros, zeros, one, one, one, T.tree_norm(r0),
+            jnp.asarray(0, jnp.int32), jnp.asarray(False),
+        )  # fmt: skip
         out = lax.while_loop(cond, body, init)
-        return out[0], out[-1], out[-2]
+        return out[0], out[-2], out[-3]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -492,7 +615,7 @@ class Direct(LinearSolver):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_nonneg("tol", self.tol)
+        _set(self, "tol", checks.number("tol", self.tol, low=0.0))
 
     def _solve(self, matvec, b, x0, bnorm):
         b_flat, unravel = ravel_pytree(b)
