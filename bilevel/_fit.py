@@ -81,7 +81,8 @@ def fit(
         state is always checkpointed when ``checkpoint_dir`` is set.
       resume: continue from the latest checkpoint of ``checkpoint_dir`` written by ``fit``: its
         state (restored into ``state``'s structure) and history, running only the remaining
-        steps, so the result is bit-identical to an uninterrupted run.
+        steps, so the result is bit-identical to an uninterrupted run. With ``resume=False`` a
+        ``checkpoint_dir`` that already holds checkpoints is an error (nothing is overwritten).
       progress: show a ``tqdm`` progress bar.
       desc: the bar's label (default: the tuner's class name).
 
@@ -135,6 +136,11 @@ def fit(
 
     total = warmup_steps + steps
     done, saved, records = 0, None, []
+    if checkpoint_dir is not None and not resume and latest_step(checkpoint_dir) is not None:
+        raise ValueError(
+            f"checkpoint_dir {checkpoint_dir} already holds checkpoints and resume=False: pass "
+            "resume=True to continue that run, or an empty folder to start over"
+        )
     if checkpoint_dir is not None and resume:
         resumed = _resume(Path(checkpoint_dir), state)
         if resumed is not None:

@@ -672,6 +672,6 @@ def test_fit_resume_is_bit_identical(tmp_path):
     again, hist2 = trainer.fit(state0, data, data, checkpoint_dir=ck, **kw)
     _leaves_equal(again, full)
     np.testing.assert_array_equal(hist2["hparams/drop"], full_hist["hparams/drop"])
-    # resume=False starts over.
-    fresh, _ = trainer.fit(state0, data, data, checkpoint_dir=ck, resume=False, **kw)
-    _leaves_equal(fresh, full)
+    # resume=False never overwrites another run's checkpoints.
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        trainer.fit(state0, data, data, checkpoint_dir=ck, resume=False, **kw)
