@@ -291,3 +291,406 @@ def load_npz(
             raise ValueError(f"{path} lacks arrays {missing}; it has {sorted(data.keys())}")
         x, y = data[x_key], data[y_key]
     return split_arrays(x, y, n_train, n_val, seed=seed, standardize=standardize)
+
+
+# ----------------------------------------------------------------------------- STN experiments
+# Models, losses and loops shared by stn_digits, stn_mnist_cnn, bench_stn and the quickstart.
+
+DIGITS_NAMES = ("drop_in", "drop_hidden", "noise")
+CNN_NAMES = ("drop", "shift", "cutout", "noise")
+
+
+class StnMlp(nnx.Module):
+    """MLP of best-response layers with per-example input/hidden dropout."""
+
+    def __init__(self, sizes, num_hparams, *, rngs):
+        from bilevel import stn
+
+        self.layers = nnx.List(
+            [stn.StnLinear(a, b, num_hparams, rngs=rngs) for a, b in itertools.pairwise(sizes)]
+        )
+
+    def __call__(self, x, hnet, drop_in=None, drop_hidden=None, key=None):
+        from bilevel import stn
+
+        if drop_in is not None:
+            x = stn.dropout(x, drop_in, jax.random.fold_in(key, 0))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, hnet)
+            if i < len(self.layers) - 1:
+                x = jax.nn.relu(x)
+                if drop_hidden is not None:
+                    x = stn.dropout(x, drop_hidden, jax.random.fold_in(key, i + 1))
+        return x
+
+
+class PlainMlp(nnx.Module):
+    """The same MLP with ``nnx.Linear`` layers (baselines and benchmark)."""
+
+    def __init__(self, sizes, *, rngs):
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)])
+
+    def __call__(self, x, drop_in=None, drop_hidden=None, key=None):
+        from bilevel import stn
+
+        if drop_in is not None:
+            x = stn.dropout(x, drop_in, jax.random.fold_in(key, 0))
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = jax.nn.relu(x)
+                if drop_hidden is not None:
+                    x = stn.dropout(x, drop_hidden, jax.random.fold_in(key, i + 1))
+        return x
+
+
+def _pool(x):
+    return nnx.max_pool(x, (2, 2), strides=(2, 2))
+
+
+class StnCnn(nnx.Module):
+    """Conv(w) - pool - Conv(2w) - pool - dense 128 - dense 10, all best-response layers."""
+
+    def __init__(self, num_hparams, width=16, *, rngs):
+        from bilevel import stn
+
+        self.conv1 = stn.StnConv(1, width, 3, num_hparams, rngs=rngs)
+        self.conv2 = stn.StnConv(width, 2 * width, 3, num_hparams, rngs=rngs)
+        self.fc1 = stn.StnLinear(2 * width * 49, 128, num_hparams, rngs=rngs)
+        self.fc2 = stn.StnLinear(128, 10, num_hparams, rngs=rngs)
+
+    def __call__(self, x, hnet, drop=None, key=None):
+        from bilevel import stn
+
+        x = _pool(jax.nn.relu(self.conv1(x, hnet)))
+        x = _pool(jax.nn.relu(self.conv2(x, hnet)))
+        x = x.reshape(x.shape[0], -1)
+        if drop is not None:
+            x = stn.dropout(x, drop, jax.random.fold_in(key, 0))
+        x = jax.nn.relu(self.fc1(x, hnet))
+        if drop is not None:
+            x = stn.dropout(x, drop, jax.random.fold_in(key, 1))
+        return self.fc2(x, hnet)
+
+
+class PlainCnn(nnx.Module):
+    """The same CNN from ``nnx.Conv`` / ``nnx.Linear``."""
+
+    def __init__(self, width=16, *, rngs):
+        self.conv1 = nnx.Conv(1, width, (3, 3), rngs=rngs)
+        self.conv2 = nnx.Conv(width, 2 * width, (3, 3), rngs=rngs)
+        self.fc1 = nnx.Linear(2 * width * 49, 128, rngs=rngs)
+        self.fc2 = nnx.Linear(128, 10, rngs=rngs)
+
+    def __call__(self, x, drop=None, key=None):
+        from bilevel import stn
+
+        x = _pool(jax.nn.relu(self.conv1(x)))
+        x = _pool(jax.nn.relu(self.conv2(x)))
+        x = x.reshape(x.shape[0], -1)
+        if drop is not None:
+            x = stn.dropout(x, drop, jax.random.fold_in(key, 0))
+        x = jax.nn.relu(self.fc1(x))
+        if drop is not None:
+            x = stn.dropout(x, drop, jax.random.fold_in(key, 1))
+        return self.fc2(x)
+
+
+def xent(logits, y):
+    """Mean softmax cross-entropy with integer labels."""
+    import optax
+
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+
+def accuracy(logits, y):
+    return jnp.mean(jnp.argmax(logits, -1) == y)
+
+
+def digits_space(init_dropout=0.05, init_noise=0.05):
+    """Input dropout, hidden dropout (in (0, 0.95)) and input-noise std (log scale, <= 2)."""
+    from bilevel import hparams
+
+    return {
+        "drop_in": hparams.unit(init_dropout, 0.0, 0.95),
+        "drop_hidden": hparams.unit(init_dropout, 0.0, 0.95),
+        "noise": hparams.log(init_noise, upper=2.0),
+    }
+
+
+def digits_losses():
+    """``(inner_loss, outer_loss)`` for a model called as ``m(x, hnet, drop_in, drop_hidden, key)``."""
+    from bilevel import stn
+
+    def inner_loss(m, h, batch, key):
+        x, y = batch
+        x = stn.gaussian_noise(x, h["noise"], jax.random.fold_in(key, 1000))
+        logits = h.apply(m, x, drop_in=h["drop_in"], drop_hidden=h["drop_hidden"], key=key)
+        return xent(logits, y)
+
+    def outer_loss(m, h, batch):
+        x, y = batch
+        return xent(m(x, h.hnet), y)
+
+    return inner_loss, outer_loss
+
+
+def digits_plain_loss(m, cfg, x, y, key):
+    """The plain MLP's training loss at fixed ``drop_in, drop_hidden, noise``."""
+    from bilevel import stn
+
+    x = stn.gaussian_noise(x, cfg["noise"], jax.random.fold_in(key, 1000))
+    return xent(m(x, cfg["drop_in"], cfg["drop_hidden"], key), y)
+
+
+def cnn_space():
+    from bilevel import hparams
+
+    return {
+        "drop": hparams.unit(0.05, 0.0, 0.95),
+        "shift": hparams.bounded(0.5, 0.0, 6.0),
+        "cutout": hparams.bounded(1.0, 0.0, 20.0),
+        "noise": hparams.log(0.05, upper=2.0),
+    }
+
+
+def cnn_augment(x, h, key):
+    """Translation, cutout and input noise with per-example magnitudes ``h``."""
+    from bilevel import stn
+
+    x = stn.translate(x, h["shift"], jax.random.fold_in(key, 2000))
+    x = stn.cutout(x, h["cutout"], jax.random.fold_in(key, 2001))
+    return stn.gaussian_noise(x, h["noise"], jax.random.fold_in(key, 2002))
+
+
+def cnn_losses():
+    """``(inner_loss, outer_loss)`` for :class:`StnCnn` with :func:`cnn_space`."""
+
+    def inner_loss(m, h, batch, key):
+        x, y = batch
+        x = cnn_augment(x, h, key)
+        return xent(h.apply(m, x, drop=h["drop"], key=key), y)
+
+    def outer_loss(m, h, batch):
+        x, y = batch
+        return xent(m(x, h.hnet), y)
+
+    return inner_loss, outer_loss
+
+
+def cnn_plain_loss(m, cfg, x, y, key):
+    """The plain CNN's training loss at fixed ``drop, shift, cutout, noise``."""
+    return xent(m(cnn_augment(x, cfg, key), drop=cfg["drop"], key=key), y)
+
+
+def fmt_hparams(h: dict) -> str:
+    return " ".join(f"{k}={v:.3g}" for k, v in h.items())
+
+
+def run_stn(
+    make_model,
+    data: Split,
+    *,
+    epochs,
+    batch_size,
+    seed,
+    lr=1e-3,
+    hyper_lr=3e-3,
+    inner_steps=5,
+    warmup_epochs=5,
+    init_scale=0.5,
+    entropy_weight=1e-3,
+    method=None,
+    space=None,
+    losses=None,
+    eval_every=5,
+    desc="STN",
+    show_progress=True,
+    input_shape=None,
+) -> dict:
+    """Train an STN with ``stn.Trainer.fit``, evaluating the validation loss every ``eval_every``
+    epochs (a fit callback); returns the final/best validation loss, test accuracy, schedule."""
+    import optax
+
+    from bilevel import stn
+
+    space = digits_space() if space is None else space
+    method = stn.STN() if method is None else method
+    reshape = (lambda a: a) if input_shape is None else (lambda a: a.reshape(-1, *input_shape))
+    train = (jnp.asarray(reshape(data.x_train)), jnp.asarray(data.y_train))
+    val = (jnp.asarray(reshape(data.x_val)), jnp.asarray(data.y_val))
+    test = (jnp.asarray(reshape(data.x_test)), jnp.asarray(data.y_test))
+    inner_loss, outer_loss = digits_losses() if losses is None else losses
+    trainer = stn.Trainer(
+        make_model(nnx.Rngs(seed)),
+        inner_loss,
+        outer_loss,
+        space=space,
+        inner_optimizer=optax.adam(lr),
+        outer_optimizer=optax.adam(hyper_lr),
+        method=method,
+        inner_steps=inner_steps,
+        outer_steps=1,
+        init_scale=init_scale,
+        entropy_weight=entropy_weight,
+    )
+    per_epoch = train[0].shape[0] // batch_size
+    cycles_per_block = max(1, round(eval_every * per_epoch / inner_steps))
+    blocks = max(1, math.ceil(epochs * per_epoch / inner_steps / cycles_per_block))
+    warmup = round(warmup_epochs * per_epoch / inner_steps)
+
+    @jax.jit
+    def evaluate(state, x, y):
+        logits = trainer.model(state)(x, trainer.hnet(state))
+        return xent(logits, y), accuracy(logits, y)
+
+    curve = []
+
+    def record(step, state, metrics):
+        vl, _ = evaluate(state, *val)
+        curve.append({"epoch": step * inner_steps / per_epoch, "val_loss": float(vl)})
+
+    state = trainer.init(key=jax.random.key(seed))
+    kw = dict(batch_size=batch_size, chunk=cycles_per_block, warmup_steps=warmup)
+    # Compile the chunked loops and the evaluation before timing (results discarded).
+    trainer.fit(state, train, val, steps=cycles_per_block, progress=False, **kw)
+    evaluate(state, *val)
+    import time
+
+    t0 = time.perf_counter()
+    state, history = trainer.fit(
+        state,
+        train,
+        val,
+        steps=blocks * cycles_per_block,
+        callbacks=record,
+        progress=show_progress and not os.environ.get("BILEVEL_NO_PROGRESS"),
+        desc=desc,
+        **kw,
+    )
+    seconds = time.perf_counter() - t0
+    val_ce, val_acc = evaluate(state, *val)
+    test_ce, test_acc = evaluate(state, *test)
+    return {
+        "val_loss": float(val_ce),
+        "best_val_loss": min(c["val_loss"] for c in curve),
+        "val_acc": float(val_acc),
+        "test_loss": float(test_ce),
+        "test_accuracy": float(test_acc),
+        "hparams": {k: float(v) for k, v in trainer.hparams(state).items()},
+        "scales": {k: float(v) for k, v in trainer.scales(state).items()},
+        "curve": curve,
+        "schedule": {
+            "epoch": history["step"] * inner_steps / per_epoch,
+            **{k: history[f"hparams/{k}"] for k in space},
+        },
+        "inner_skipped": int(state.inner_skipped),
+        "skipped": int(state.skipped),
+        "seconds": seconds,
+    }
+
+
+def train_fixed(
+    make_model,
+    configs,
+    data,
+    *,
+    epochs,
+    batch_size,
+    seed,
+    lr=1e-3,
+    eval_every=5,
+    input_shape=None,
+    plain_loss=digits_plain_loss,
+):
+    """Train the plain network once per fixed configuration (vmapped); returns per-config results.
+
+    ``configs`` maps each hyperparameter name to an array of shape ``(K,)``, which
+    ``plain_loss(model, cfg, x, y, key)`` uses (default: ``drop_in, drop_hidden, noise``).
+    """
+    import time
+
+    import optax
+
+    reshape = (lambda a: a) if input_shape is None else (lambda a: a.reshape(-1, *input_shape))
+    x_tr, y_tr = jnp.asarray(reshape(data.x_train)), jnp.asarray(data.y_train)
+    val = (jnp.asarray(reshape(data.x_val)), jnp.asarray(data.y_val))
+    test = (jnp.asarray(reshape(data.x_test)), jnp.asarray(data.y_test))
+    graphdef, params0 = nnx.split(make_model(nnx.Rngs(seed)))
+    tx = optax.adam(lr)
+    n = x_tr.shape[0]
+    per_epoch = n // batch_size
+    blocks = max(1, math.ceil(epochs / eval_every))
+
+    def loss_fn(params, cfg, x, y, key):
+        return plain_loss(nnx.merge(graphdef, params), cfg, x, y, key)
+
+    def run_block(params, opt_state, cfg, key, block):
+        def epoch(carry, e):
+            params, opt_state = carry
+            k = jax.random.fold_in(key, block * eval_every + e)
+            idx = jax.random.permutation(k, n)[: per_epoch * batch_size].reshape(per_epoch, -1)
+
+            def step(carry, xs):
+                params, opt_state = carry
+                i, j = xs
+                g = jax.grad(loss_fn)(params, cfg, x_tr[i], y_tr[i], jax.random.fold_in(k, j))
+                updates, opt_state = tx.update(g, opt_state, params)
+                return (optax.apply_updates(params, updates), opt_state), None
+
+            carry, _ = jax.lax.scan(step, (params, opt_state), (idx, jnp.arange(per_epoch)))
+            return carry, None
+
+        (params, opt_state), _ = jax.lax.scan(epoch, (params, opt_state), jnp.arange(eval_every))
+        m = nnx.merge(graphdef, params)
+        return params, opt_state, xent(m(val[0]), val[1])
+
+    k_configs = len(next(iter(configs.values())))
+    keys = jax.random.split(jax.random.key(seed + 1), k_configs)
+    params = jax.tree.map(lambda a: jnp.broadcast_to(a, (k_configs, *a.shape)), params0)
+    opt_state = jax.vmap(tx.init)(params)
+    cfg = {k: jnp.asarray(v, jnp.float32) for k, v in configs.items()}
+    block_fn = jax.jit(jax.vmap(run_block, in_axes=(0, 0, 0, 0, None)))
+    block_fn.lower(params, opt_state, cfg, keys, 0).compile()
+    t0 = time.perf_counter()
+    curves = []
+    for b in range(blocks):
+        params, opt_state, vl = block_fn(params, opt_state, cfg, keys, b)
+        curves.append(np.asarray(vl))
+    jax.block_until_ready(params)
+    seconds = time.perf_counter() - t0
+
+    @jax.vmap
+    def evaluate(p):
+        m = nnx.merge(graphdef, p)
+        lv, lt = m(val[0]), m(test[0])
+        return xent(lv, val[1]), xent(lt, test[1]), accuracy(lt, test[1])
+
+    val_ce, test_ce, test_acc = jax.jit(evaluate)(params)
+    curves = np.stack(curves, 1)  # (K, blocks)
+    return [
+        {
+            "val_loss": float(val_ce[i]),
+            "best_val_loss": float(curves[i].min()),
+            "test_loss": float(test_ce[i]),
+            "test_accuracy": float(test_acc[i]),
+            "hparams": {k: float(v[i]) for k, v in configs.items()},
+            "curve": curves[i],
+        }
+        for i in range(k_configs)
+    ], seconds
+
+
+def plot_schedule(path, result, title, names=DIGITS_NAMES):
+    plt = pyplot()
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    sched = result["schedule"]
+    for k in names:
+        ax[0].plot(sched["epoch"], sched[k], label=k)
+    ax[0].set(xlabel="epoch", ylabel="value", title=f"{title}: hyperparameter schedule")
+    ax[0].legend()
+    ax[1].plot([c["epoch"] for c in result["curve"]], [c["val_loss"] for c in result["curve"]])
+    ax[1].set(xlabel="epoch", ylabel="validation cross-entropy", title="validation loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -26,23 +26,27 @@ from flax import nnx
 import bilevel
 from bilevel import stn
 from experiments import _common
-from experiments.stn_digits import PlainMlp, StnMlp, space, stn_losses, xent
 
 
 def _models(kind, width):
+    """``(make_stn, make_plain, input_shape, space, losses, plain_loss)`` for ``--model``."""
     if kind == "mlp":
         sizes = (64, width, width, 10)
         return (
-            (lambda rngs: StnMlp(sizes, 3, rngs=rngs)),
-            (lambda rngs: PlainMlp(sizes, rngs=rngs)),
+            (lambda rngs: _common.StnMlp(sizes, 3, rngs=rngs)),
+            (lambda rngs: _common.PlainMlp(sizes, rngs=rngs)),
             (64,),
+            _common.digits_space(),
+            _common.digits_losses(),
+            _common.digits_plain_loss,
         )
-    from experiments.stn_mnist_cnn import PlainCnn, StnCnn
-
     return (
-        (lambda rngs: StnCnn(3, width=width, rngs=rngs)),
-        (lambda rngs: PlainCnn(width=width, rngs=rngs)),
+        (lambda rngs: _common.StnCnn(4, width=width, rngs=rngs)),
+        (lambda rngs: _common.PlainCnn(width=width, rngs=rngs)),
         (28, 28, 1),
+        _common.cnn_space(),
+        _common.cnn_losses(),
+        _common.cnn_plain_loss,
     )
 
 
@@ -59,7 +63,7 @@ def main(argv=None):
     if args.batches % 5:
         parser.error("--batches must be a multiple of 5 (train steps per STN cycle)")
     out = _common.results_dir(args)
-    make_stn, make_plain, shape = _models(args.model, args.width)
+    make_stn, make_plain, shape, space, losses, plain_loss = _models(args.model, args.width)
 
     n = args.batches * args.batch_size
     rs = np.random.RandomState(args.seed)
@@ -70,31 +74,39 @@ def main(argv=None):
     # --- STN: Trainer.fit, one chunk = one epoch.
     trainer = stn.Trainer(
         make_stn(nnx.Rngs(args.seed)),
-        space(),
-        *stn_losses(),
-        optimizer=optax.adam(1e-3),
-        hyper_optimizer=optax.adam(3e-3),
-        train_steps=5,
+        *losses,
+        space=space,
+        inner_optimizer=optax.adam(1e-3),
+        outer_optimizer=optax.adam(3e-3),
+        inner_steps=5,
     )
     cycles = args.batches // 5
-    state = trainer.init(jax.random.key(args.seed))
+    state = trainer.init(key=jax.random.key(args.seed))
 
     def stn_epoch(state):
         state, _ = trainer.fit(
-            state, (x, y), val, cycles=cycles, batch_size=args.batch_size, chunk=cycles
+            state,
+            (x, y),
+            val,
+            steps=cycles,
+            batch_size=args.batch_size,
+            chunk=cycles,
+            progress=False,
         )
         return jax.block_until_ready(state)
 
     # --- plain network, same regularizers at fixed rates.
     graphdef, params = nnx.split(make_plain(nnx.Rngs(args.seed)))
     tx = optax.adam(1e-3)
-    rates = {"drop_in": 0.05, "drop_hidden": 0.05, "noise": 0.05}
+    # The STN's initial values, fixed.
+    rates = {
+        k: float(v)
+        for k, v in bilevel.hparams.constrain(space, bilevel.hparams.init(space)).items()
+    }
 
     def loss_fn(p, batch, key):
         xb, yb = batch
-        m = nnx.merge(graphdef, p)
-        xb = stn.gaussian_noise(xb, rates["noise"], jax.random.fold_in(key, 1000))
-        return xent(m(xb, rates["drop_in"], rates["drop_hidden"], key), yb)
+        return plain_loss(nnx.merge(graphdef, p), rates, xb, yb, key)
 
     @jax.jit
     def plain_epoch_fn(carry):

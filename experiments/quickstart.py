@@ -6,7 +6,8 @@
 3. ``hd``: ``bilevel.hd_adam`` vs ``optax.adam`` from a badly chosen learning rate
    (``experiments.hd_optimizers.quickstart_section``).
 4. ``stn``: a short Self-Tuning Network run (``bilevel.stn``) tuning dropout rates and input
-   noise on digits, with its hyperparameter schedule (``experiments.stn_digits``).
+   noise on digits with ``stn.Trainer.fit``, with its hyperparameter schedule (the full
+   experiment is ``experiments.stn_digits``).
 
 Section 1. Data: scikit-learn's breast cancer set (569 x 30), split 300 train / 135 validation / 134 test and
 standardized with training statistics. The inner problem fits a logistic regression with penalty
@@ -285,6 +286,40 @@ def l2_section(args, out) -> list[dict]:
     return rows
 
 
+def stn_section(smoke: bool, seed: int, out, show_progress: bool) -> list[dict]:
+    """A short STN run on digits: rows with losses/accuracy and a schedule plot.
+
+    Tunes input/hidden dropout and input noise of a 64-256-256-10 MLP of best-response layers
+    with ``bilevel.stn.Trainer.fit`` (the full experiment is ``experiments.stn_digits``). Saves
+    ``stn_digits_schedule.png`` under ``out``.
+    """
+    data = _common.load_digits(seed=seed)
+    sizes = (64, 256, 256, 10)
+    epochs = 6 if smoke else 60
+    result = _common.run_stn(
+        lambda rngs: _common.StnMlp(sizes, 3, rngs=rngs),
+        data,
+        epochs=epochs,
+        batch_size=128,
+        seed=seed,
+        warmup_epochs=0 if smoke else 3,
+        eval_every=2 if smoke else 5,
+        desc="STN digits",
+        show_progress=show_progress,
+    )
+    _common.plot_schedule(out / "stn_digits_schedule.png", result, f"STN, digits, {epochs} epochs")
+    return [
+        {
+            "method": f"STN dropout+noise, {epochs} epochs (digits MLP)",
+            "val_loss": result["val_loss"],
+            "test_loss": result["test_loss"],
+            "test_acc": result["test_accuracy"],
+            "final_hparams": _common.fmt_hparams(result["hparams"]),
+            "seconds": result["seconds"],
+        }
+    ]
+
+
 SECTIONS = ("l2", "nnx", "hd", "stn")
 
 
@@ -331,9 +366,7 @@ def main(argv=None):
             title="3. Learning rate 100x too small: Adam vs hypergradient Adam (bilevel.hd_adam)",
         )
     if "stn" in args.sections:
-        from experiments import stn_digits
-
-        results["stn"] = stn_digits.quickstart_section(args.smoke, args.seed, out, show)
+        results["stn"] = stn_section(args.smoke, args.seed, out, show)
         _common.print_table(
             results["stn"],
             title="4. Self-Tuning Network on digits: dropout and input noise tuned online",

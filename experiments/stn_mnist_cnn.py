@@ -14,98 +14,13 @@ inside the jitted train step at the perturbed magnitudes. Baselines: the same pl
 
 from __future__ import annotations
 
-import jax
 import numpy as np
-from flax import nnx
 
-from bilevel import hparams, stn
+from bilevel import stn
 from experiments import _common
-from experiments.stn_digits import plot_schedule, train_fixed, train_stn, xent
 
-NAMES = ("drop", "shift", "cutout", "noise")
-
-
-def _pool(x):
-    return nnx.max_pool(x, (2, 2), strides=(2, 2))
-
-
-class StnCnn(nnx.Module):
-    """Conv(w) - pool - Conv(2w) - pool - dense 128 - dense 10, all best-response layers."""
-
-    def __init__(self, num_hparams, width=16, *, rngs):
-        self.conv1 = stn.StnConv(1, width, 3, num_hparams, rngs=rngs)
-        self.conv2 = stn.StnConv(width, 2 * width, 3, num_hparams, rngs=rngs)
-        self.fc1 = stn.StnLinear(2 * width * 49, 128, num_hparams, rngs=rngs)
-        self.fc2 = stn.StnLinear(128, 10, num_hparams, rngs=rngs)
-
-    def __call__(self, x, hnet, drop=None, key=None):
-        x = _pool(jax.nn.relu(self.conv1(x, hnet)))
-        x = _pool(jax.nn.relu(self.conv2(x, hnet)))
-        x = x.reshape(x.shape[0], -1)
-        if drop is not None:
-            x = stn.dropout(x, drop, jax.random.fold_in(key, 0))
-        x = jax.nn.relu(self.fc1(x, hnet))
-        if drop is not None:
-            x = stn.dropout(x, drop, jax.random.fold_in(key, 1))
-        return self.fc2(x, hnet)
-
-
-class PlainCnn(nnx.Module):
-    """The same CNN from ``nnx.Conv`` / ``nnx.Linear``."""
-
-    def __init__(self, width=16, *, rngs):
-        self.conv1 = nnx.Conv(1, width, (3, 3), rngs=rngs)
-        self.conv2 = nnx.Conv(width, 2 * width, (3, 3), rngs=rngs)
-        self.fc1 = nnx.Linear(2 * width * 49, 128, rngs=rngs)
-        self.fc2 = nnx.Linear(128, 10, rngs=rngs)
-
-    def __call__(self, x, drop=None, key=None):
-        x = _pool(jax.nn.relu(self.conv1(x)))
-        x = _pool(jax.nn.relu(self.conv2(x)))
-        x = x.reshape(x.shape[0], -1)
-        if drop is not None:
-            x = stn.dropout(x, drop, jax.random.fold_in(key, 0))
-        x = jax.nn.relu(self.fc1(x))
-        if drop is not None:
-            x = stn.dropout(x, drop, jax.random.fold_in(key, 1))
-        return self.fc2(x)
-
-
-def cnn_space():
-    return {
-        "drop": hparams.unit(0.05, 0.0, 0.95),
-        "shift": hparams.bounded(0.5, 0.0, 6.0),
-        "cutout": hparams.bounded(1.0, 0.0, 20.0),
-        "noise": hparams.log(0.05, upper=2.0),
-    }
-
-
-def augment(x, h, key):
-    """Translation, cutout and input noise with per-example magnitudes ``h``."""
-    x = stn.translate(x, h["shift"], jax.random.fold_in(key, 2000))
-    x = stn.cutout(x, h["cutout"], jax.random.fold_in(key, 2001))
-    return stn.gaussian_noise(x, h["noise"], jax.random.fold_in(key, 2002))
-
-
-def cnn_losses():
-    def train_loss(m, h, batch, key):
-        x, y = batch
-        x = augment(x, h, key)
-        return xent(h.apply(m, x, drop=h["drop"], key=key), y)
-
-    def val_loss(m, h, batch):
-        x, y = batch
-        return xent(m(x, h.hnet), y)
-
-    return train_loss, val_loss
-
-
-def plain_loss(m, cfg, x, y, key):
-    return xent(m(augment(x, cfg, key), drop=cfg["drop"], key=key), y)
-
-
-def _fmt(h):
-    return " ".join(f"{k}={v:.3g}" for k, v in h.items())
+NAMES = _common.CNN_NAMES
+METHODS = {"stn": stn.STN, "delta": stn.DeltaSTN}
 
 
 def main(argv=None):
@@ -125,19 +40,19 @@ def main(argv=None):
     data = _common.load_mnist5k(seed=args.seed, n_train=n_train, n_val=n_val, n_test=n_test)
     shape = (28, 28, 1)
     eval_every = 1 if args.smoke else 4
-    stn_result = train_stn(
-        lambda rngs: StnCnn(4, args.width, rngs=rngs),
+    stn_result = _common.run_stn(
+        lambda rngs: _common.StnCnn(4, args.width, rngs=rngs),
         data,
         epochs=args.epochs,
         batch_size=args.batch_size,
         seed=args.seed,
         lr=args.lr,
         hyper_lr=args.hyper_lr,
-        variant=args.variant,
+        method=METHODS[args.variant](),
         warmup_epochs=0 if args.smoke else 2,
         eval_every=eval_every,
-        space_=cnn_space(),
-        losses=cnn_losses(),
+        space=_common.cnn_space(),
+        losses=_common.cnn_losses(),
         input_shape=shape,
         desc=f"{args.variant} CNN",
         show_progress=not args.no_progress,
@@ -148,8 +63,8 @@ def main(argv=None):
         "cutout": np.array([0.0, 8.0]),
         "noise": np.array([0.0, 0.0]),
     }
-    fixed, seconds = train_fixed(
-        lambda rngs: PlainCnn(args.width, rngs=rngs),
+    fixed, seconds = _common.train_fixed(
+        lambda rngs: _common.PlainCnn(args.width, rngs=rngs),
         configs,
         data,
         epochs=args.epochs,
@@ -158,7 +73,7 @@ def main(argv=None):
         lr=args.lr,
         eval_every=eval_every,
         input_shape=shape,
-        plain_loss=plain_loss,
+        plain_loss=_common.cnn_plain_loss,
     )
     rows = [
         {
@@ -166,7 +81,7 @@ def main(argv=None):
             "val_loss": stn_result["val_loss"],
             "best_val_loss": stn_result["best_val_loss"],
             "test_acc": stn_result["test_accuracy"],
-            "final_hparams": _fmt(stn_result["hparams"]),
+            "final_hparams": _common.fmt_hparams(stn_result["hparams"]),
             "seconds": stn_result["seconds"],
         }
     ]
@@ -177,7 +92,7 @@ def main(argv=None):
                 "val_loss": r["val_loss"],
                 "best_val_loss": r["best_val_loss"],
                 "test_acc": r["test_accuracy"],
-                "final_hparams": _fmt(r["hparams"]),
+                "final_hparams": _common.fmt_hparams(r["hparams"]),
                 "seconds": seconds / 2,
             }
         )
@@ -192,7 +107,7 @@ def main(argv=None):
     }
     _common.save_json(out / "stn_mnist_cnn.json", record)
     _common.save_csv(out / "stn_mnist_cnn.csv", rows)
-    plot_schedule(out / "stn_mnist_cnn.png", stn_result, "STN CNN on MNIST 5k", names=NAMES)
+    _common.plot_schedule(out / "stn_mnist_cnn.png", stn_result, "STN CNN on MNIST 5k", names=NAMES)
     _common.print_table(rows, title=f"MNIST 5k CNN, {args.epochs} epochs")
     return record
 

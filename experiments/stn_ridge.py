@@ -27,6 +27,8 @@ from flax import nnx
 from bilevel import hparams, stn
 from experiments import _common
 
+METHODS = {"stn": stn.STN, "delta": stn.DeltaSTN}
+
 
 def make_data(n_train: int, n_val: int, dim: int, noise: float, data_seed: int):
     """The ridge instance (NumPy float64 arrays) drawn as the module docstring says."""
@@ -94,7 +96,7 @@ def run(
     entropy_weight: float = 0.1,
     tune_scales: bool = True,
     init_scale: float = 0.5,
-    callback=None,
+    progress: bool = False,
 ) -> dict:
     """Tune the penalty with ``variant`` for ``steps`` cycles; returns the result record."""
     x_train, y_train, x_val, y_val = make_data(n_train, n_val, dim, noise, data_seed)
@@ -107,41 +109,42 @@ def run(
     # Start the general weights at the least-squares-ish solution scale: zeros.
     model.kernel[...] = jnp.zeros_like(model.kernel[...])
 
-    def train_loss(m, h, batch, key):
+    def inner_loss(m, h, batch, key):
         x, y = batch
         err = jnp.mean((h.apply(m, x)[:, 0] - y) ** 2)
         return err + jnp.mean(h["wd"] * stn.effective_l2(m, h.hnet))
 
-    def val_loss(m, h, batch):
+    def outer_loss(m, h, batch):
         x, y = batch
         return jnp.mean((m(x, h.hnet)[:, 0] - y) ** 2)
 
     trainer = stn.Trainer(
         model,
-        {"wd": hparams.log(init_lambda)},
-        train_loss,
-        val_loss,
-        optimizer=optax.adam(lr),
-        hyper_optimizer=optax.adam(hyper_lr),
-        train_steps=5,
-        val_steps=1,
+        inner_loss,
+        outer_loss,
+        space={"wd": hparams.log(init_lambda)},
+        inner_optimizer=optax.adam(lr),
+        outer_optimizer=optax.adam(hyper_lr),
+        method=METHODS[variant](),
+        inner_steps=5,
+        outer_steps=1,
         init_scale=init_scale,
         tune_scales=tune_scales,
         entropy_weight=entropy_weight,
-        variant=variant,
     )
-    state = trainer.init(jax.random.key(seed))
+    state = trainer.init(key=jax.random.key(seed))
     t0 = time.perf_counter()
     state, history = trainer.fit(
         state,
         train,
         val,
-        cycles=steps,
+        steps=steps,
         batch_size=n_train,
-        val_batch_size=n_val,
-        warmup_cycles=warmup,
+        outer_batch_size=n_val,
+        warmup_steps=warmup,
         chunk=max(1, min(100, steps)),
-        callback=callback,
+        progress=progress,
+        desc=variant,
     )
     seconds = time.perf_counter() - t0
     lam = float(trainer.hparams(state)["wd"])
@@ -165,14 +168,14 @@ def run(
         "jacobian_cosine": cosine,
         "weight_rel_error": float(np.linalg.norm(w_learned - w_star) / np.linalg.norm(w_star)),
         "final_scale": float(trainer.scales(state)["wd"]),
-        "train_skipped": int(state.train_skipped),
-        "val_skipped": int(state.val_skipped),
+        "inner_skipped": int(state.inner_skipped),
+        "skipped": int(state.skipped),
         "seconds": seconds,
         "history": {
             "step": history["step"],
             "lambda": history["hparams/wd"],
             "scale": history["scales/wd"],
-            "val_loss": history["val_loss"],
+            "val_loss": history["outer_loss"],
         },
     }
 
@@ -198,13 +201,6 @@ def main(argv=None):
 
     results = {}
     for variant in variants:
-        bar = _common.progress(total=warmup + args.steps, desc=variant, disable=args.no_progress)
-        last = [0]
-
-        def callback(done, bar=bar, last=last):
-            bar.update(done - last[0])
-            last[0] = done
-
         results[variant] = run(
             n_train=args.n_train,
             n_val=args.n_val,
@@ -215,9 +211,8 @@ def main(argv=None):
             steps=args.steps,
             warmup=warmup,
             variant=variant,
-            callback=callback,
+            progress=not args.no_progress,
         )
-        bar.close()
 
     first = results[variants[0]]
     record = {

@@ -21,6 +21,8 @@ MODULES = [
     "bilevel.stn._perturb",
     "bilevel.stn._augment",
     "bilevel.stn._trainer",
+    "bilevel.stn._methods",
+    "bilevel._fit",
 ]
 
 

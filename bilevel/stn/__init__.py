@@ -4,7 +4,8 @@ A Self-Tuning Network (MacKay et al., ICLR 2019) fits a structured approximation
 best-response function ``w*(lambda)`` inside the network and tunes its hyperparameters online,
 including ones the training loss cannot be differentiated by (dropout rates, augmentation
 magnitudes), producing hyperparameter schedules. Delta-STN (Bae and Grosse, NeurIPS 2020) is
-``Trainer(..., variant="delta")``.
+``Trainer(..., method=stn.DeltaSTN())``: variants are strategy objects (``stn.STN()``,
+``stn.DeltaSTN(linearize=False)``) that carry their behaviour.
 
 Example:
   >>> import jax.numpy as jnp
@@ -24,14 +25,18 @@ from bilevel.stn._layers import (
     mip_encoding,
     stn_layers,
 )
+from bilevel.stn._methods import STN, DeltaSTN, StnHparams, StnMethod
 from bilevel.stn._perturb import entropy, perturb, scale_from_param, scale_to_param
-from bilevel.stn._trainer import StnHparams, Trainer, TrainerState
+from bilevel.stn._trainer import Trainer, TrainerState
 
 __all__ = [
+    "STN",
+    "DeltaSTN",
     "ResponseParam",
     "StnConv",
     "StnHparams",
     "StnLinear",
+    "StnMethod",
     "Trainer",
     "TrainerState",
     "brightness",

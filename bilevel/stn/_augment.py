@@ -42,6 +42,33 @@ def _images(x: jax.typing.ArrayLike, name: str) -> jax.Array:
     return x
 
 
+def _is_key(a) -> bool:
+    dtype = getattr(a, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _is_legacy_key(a) -> bool:
+    dtype = getattr(a, "dtype", None)
+    return dtype == jnp.uint32 and jnp.shape(a) == (2,)
+
+
+def _what(a) -> str:
+    dtype = getattr(a, "dtype", None)
+    if dtype is None:
+        return f"{type(a).__name__} {a!r}"
+    return f"{dtype}{list(jnp.shape(a))}"
+
+
+def _check_args(name: str, magnitude_name: str, x, magnitude, key) -> None:
+    """A clear ``TypeError`` when the PRNG key is not the last argument."""
+    if _is_key(x) or _is_key(magnitude) or not (_is_key(key) or _is_legacy_key(key)):
+        raise TypeError(
+            f"{name} takes (x, {magnitude_name}, key) with the PRNG key last, e.g. "
+            f"stn.{name}(x, {magnitude_name}, jax.random.key(0)); got x={_what(x)}, "
+            f"{magnitude_name}={_what(magnitude)}, key={_what(key)}"
+        )
+
+
 def dropout(x: jax.typing.ArrayLike, rate: jax.typing.ArrayLike, key: jax.Array) -> jax.Array:
     r"""Inverted dropout with a (per-example) rate.
 
@@ -66,6 +93,7 @@ def dropout(x: jax.typing.ArrayLike, rate: jax.typing.ArrayLike, key: jax.Array)
     Reference: Srivastava et al., "Dropout", JMLR 2014; used as a tuned hyperparameter in
     MacKay et al., ICLR 2019.
     """
+    _check_args("dropout", "rate", x, rate, key)
     x = jnp.asarray(x)
     p = jnp.clip(_per_example(rate, x, "dropout"), 0.0, 1.0)
     keep = 1.0 - p
@@ -92,6 +120,7 @@ def gaussian_noise(x: jax.typing.ArrayLike, std: jax.typing.ArrayLike, key: jax.
       >>> stn.gaussian_noise(jnp.ones((2, 3)), 0.0, jax.random.key(0)).tolist()
       [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
     """
+    _check_args("gaussian_noise", "std", x, std, key)
     x = jnp.asarray(x)
     s = _per_example(std, x, "gaussian_noise")
     return x + s * jax.random.normal(key, x.shape, x.dtype)
@@ -130,6 +159,7 @@ def translate(
       >>> bool(jnp.all(stn.translate(x, 0.9, jax.random.key(0)) == x))
       True
     """
+    _check_args("translate", "max_shift", x, max_shift, key)
     x = _images(x, "translate")
     b = x.shape[0]
     s = jnp.floor(
@@ -168,6 +198,7 @@ def cutout(x: jax.typing.ArrayLike, length: jax.typing.ArrayLike, key: jax.Array
     Reference: DeVries and Taylor, "Improved Regularization of Convolutional Neural Networks
     with Cutout", 2017.
     """
+    _check_args("cutout", "length", x, length, key)
     x = _images(x, "cutout")
     b, h, w = x.shape[:3]
     side = jnp.floor(
@@ -210,6 +241,7 @@ def brightness(
       >>> stn.brightness(jnp.zeros((2, 4, 4, 1)), 0.1, jax.random.key(0)).shape
       (2, 4, 4, 1)
     """
+    _check_args("brightness", "magnitude", x, magnitude, key)
     x = jnp.asarray(x)
     m = _per_example(magnitude, x, "brightness")
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
@@ -237,6 +269,7 @@ def contrast(x: jax.typing.ArrayLike, magnitude: jax.typing.ArrayLike, key: jax.
       >>> bool(jnp.allclose(stn.contrast(x, 0.5, jax.random.key(0)), x))
       True
     """
+    _check_args("contrast", "magnitude", x, magnitude, key)
     x = jnp.asarray(x)
     m = _per_example(magnitude, x, "contrast")
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)

@@ -20,8 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn import dtypes as nnx_dtypes
-from flax.nnx.nn.linear import canonicalize_padding
 
 __all__ = [
     "ResponseParam",
@@ -44,6 +42,38 @@ def _check_int(name: str, value: Any, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return value
+
+
+def _promote_dtype(arrays: Sequence[Any], dtype: Any = None) -> tuple[jax.Array, ...]:
+    """``arrays`` cast to ``dtype`` (default: their common inexact type)."""
+    if dtype is None:
+        dtype = jnp.result_type(*arrays)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            dtype = jnp.promote_types(jnp.float32, dtype)
+    return tuple(jnp.asarray(a, dtype) for a in arrays)
+
+
+def _canonical_padding(padding: Any, rank: int) -> str | list[tuple[int, int]]:
+    """A padding string unchanged, or ``rank`` explicit ``(low, high)`` pairs."""
+    if isinstance(padding, str):
+        return padding
+    if isinstance(padding, int):
+        return [(padding, padding)] * rank
+    if isinstance(padding, Sequence) and len(padding) == rank:
+        pairs = []
+        for p in padding:
+            if isinstance(p, int):
+                pairs.append((p, p))
+            elif isinstance(p, Sequence) and len(p) == 2 and all(isinstance(q, int) for q in p):
+                pairs.append((int(p[0]), int(p[1])))
+            else:
+                break
+        else:
+            return pairs
+    raise ValueError(
+        f"StnConv: padding must be a string, an int or {rank} ints / (low, high) pairs, "
+        f"got {padding!r}"
+    )
 
 
 def mip_encoding(x: jax.typing.ArrayLike) -> jax.Array:
@@ -90,7 +120,7 @@ class _StnBase(nnx.Module):
                 f"{type(self).__name__}: hnet must have shape ({self.num_hparams},) (shared) or "
                 f"(batch, {self.num_hparams}) (per example), got {hnet.shape}"
             )
-        (hnet, v_mat) = nnx_dtypes.promote_dtype((hnet, self.hnet_kernel[...]), dtype=dtype)
+        (hnet, v_mat) = _promote_dtype((hnet, self.hnet_kernel[...]), dtype=dtype)
         uv = hnet @ v_mat
         if self.use_bias:
             return uv[..., : self.out_features], uv[..., self.out_features :]
@@ -260,7 +290,7 @@ class StnLinear(_StnBase):
                 f"StnLinear: input must have shape (..., {self.in_features}), got {x.shape}"
             )
         u, v = self._gates(hnet, self.dtype)
-        x, k_e, k_r = nnx_dtypes.promote_dtype(
+        x, k_e, k_r = _promote_dtype(
             (x, self.kernel[...], self.response_kernel[...]), dtype=self.dtype
         )
         if u.ndim == 1:
@@ -357,7 +387,7 @@ class StnConv(_StnBase):
 
         self.strides = tup("strides", strides)
         self.kernel_dilation = tup("kernel_dilation", kernel_dilation)
-        self.padding = canonicalize_padding(padding, rank)
+        self.padding = _canonical_padding(padding, rank)
         if self.padding in ("CIRCULAR", "REFLECT", "CAUSAL"):
             raise ValueError(
                 "StnConv: padding must be 'SAME', 'VALID', an int or (low, high) pairs"
@@ -403,7 +433,7 @@ class StnConv(_StnBase):
                 f"{self.in_features}), got {x.shape}"
             )
         u, v = self._gates(hnet, self.dtype)
-        x, k_e, k_r = nnx_dtypes.promote_dtype(
+        x, k_e, k_r = _promote_dtype(
             (x, self.kernel[...], self.response_kernel[...]), dtype=self.dtype
         )
         if u.ndim == 1:

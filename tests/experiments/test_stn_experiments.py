@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import bench_stn, stn_digits, stn_mnist_cnn, stn_ridge
+from experiments import bench_stn, quickstart, stn_digits, stn_mnist_cnn, stn_ridge
 
 
 def test_stn_ridge_smoke(tmp_path):
@@ -30,7 +30,8 @@ def test_stn_ridge_smoke(tmp_path):
     assert data["final_val_loss"] >= data["optimal_val_loss"] - 1e-9
     assert (tmp_path / "stn_ridge.png").stat().st_size > 0
     assert (tmp_path / "stn_ridge.csv").exists()
-    assert record["variants"]["stn"]["train_skipped"] == 0
+    assert record["variants"]["stn"]["inner_skipped"] == 0
+    assert record["variants"]["stn"]["skipped"] == 0
 
 
 def test_stn_ridge_closed_form_helpers():
@@ -58,8 +59,8 @@ def test_stn_digits_smoke(tmp_path):
     assert any("random search" in m for m in methods)
 
 
-def test_stn_digits_quickstart_section(tmp_path):
-    rows = stn_digits.quickstart_section(True, 0, tmp_path, False)
+def test_quickstart_stn_section(tmp_path):
+    rows = quickstart.stn_section(True, 0, tmp_path, False)
     assert (tmp_path / "stn_digits_schedule.png").stat().st_size > 0
     assert len(rows) == 1
     row = rows[0]
@@ -80,6 +81,26 @@ def test_bench_stn_smoke(tmp_path, capsys):
     assert record["ratio"] > 0 and len(record["stn_epoch_seconds"]) == 3
     assert "ratio" in capsys.readouterr().out
     assert (tmp_path / "bench_stn.json").exists()
+
+
+def test_stn_experiments_do_not_import_each_other():
+    import ast
+    import inspect
+
+    for module in (stn_ridge, stn_digits, stn_mnist_cnn, bench_stn, quickstart):
+        tree = ast.parse(inspect.getsource(module))
+        imported = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "experiments"
+            for alias in node.names
+        } | {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("experiments.")
+        }
+        stn_modules = {"stn_ridge", "stn_digits", "stn_mnist_cnn", "bench_stn"}
+        assert not imported & (stn_modules | {f"experiments.{m}" for m in stn_modules}), module
 
 
 @pytest.mark.parametrize("module", [stn_ridge, stn_digits, stn_mnist_cnn, bench_stn])

@@ -139,3 +139,26 @@ def test_augmentations_jit_and_vmap_over_magnitudes():
     assert f(jnp.full(8, 2.0), jax.random.key(0)).shape == x.shape
     batched = jax.vmap(lambda m: stn.gaussian_noise(x, m, jax.random.key(0)))(jnp.array([0.0, 1.0]))
     np.testing.assert_array_equal(batched[0], x)
+
+
+@pytest.mark.parametrize(
+    ("fn", "magnitude", "shape"),
+    [
+        (stn.dropout, 0.5, (2, 3)),
+        (stn.gaussian_noise, 0.1, (2, 3)),
+        (stn.translate, 1.0, (2, 4, 4, 1)),
+        (stn.cutout, 2.0, (2, 4, 4, 1)),
+        (stn.brightness, 0.1, (2, 4, 4, 1)),
+        (stn.contrast, 0.1, (2, 4, 4, 1)),
+    ],
+)
+def test_swapped_key_argument_is_a_clear_type_error(fn, magnitude, shape):
+    key, x = jax.random.key(0), jnp.ones(shape)
+    name = fn.__name__
+    # jax.random's order (key first): a TypeError naming the right order, not an IndexError.
+    with pytest.raises(TypeError, match=rf"{name} takes \(x, \w+, key\) with the PRNG key last"):
+        fn(key, x, magnitude)
+    with pytest.raises(TypeError, match="PRNG key last"):
+        fn(x, key, magnitude)
+    assert fn(x, magnitude, key).shape == shape
+    assert fn(x, magnitude, jax.random.PRNGKey(0)).shape == shape  # legacy keys still work

@@ -1,4 +1,5 @@
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,12 @@ import optax
 import pytest
 from flax import nnx
 
+import solvers
+from bilevel import _fit as _fit_module
 from bilevel import hparams, stn
-from bilevel._checkpoint import restore_checkpoint, save_checkpoint
+from bilevel._checkpoint import latest_step, restore_checkpoint, save_checkpoint
+from bilevel._fit import fit
+from bilevel.stn import TrainerState
 from experiments.stn_ridge import make_data
 
 # ----------------------------------------------------------------------------- ridge known answer
@@ -30,20 +35,20 @@ def _ridge_val(data, lam):
 
 
 def _ridge_losses():
-    def train_loss(m, h, batch, key):
+    def inner_loss(m, h, batch, key):
         x, y = batch
         err = jnp.mean((h.apply(m, x)[:, 0] - y) ** 2)
         return err + jnp.mean(h["wd"] * stn.effective_l2(m, h.hnet))
 
-    def val_loss(m, h, batch):
+    def outer_loss(m, h, batch):
         x, y = batch
         return jnp.mean((m(x, h.hnet)[:, 0] - y) ** 2)
 
-    return train_loss, val_loss
+    return inner_loss, outer_loss
 
 
-@pytest.mark.parametrize("variant", ["stn", "delta"])
-def test_ridge_known_answer(variant):
+@pytest.mark.parametrize("method", [stn.STN(), stn.DeltaSTN()], ids=["stn", "delta"])
+def test_ridge_known_answer(method):
     data = _ridge_data()
     x_train, y_train, x_val, y_val = data
     grid = np.logspace(-6, 4, 1001)
@@ -57,25 +62,26 @@ def test_ridge_known_answer(variant):
         model.kernel[...] = jnp.zeros_like(model.kernel[...])
         trainer = stn.Trainer(
             model,
-            {"wd": hparams.log(0.01)},
             *_ridge_losses(),
-            optimizer=optax.adam(0.01),
-            hyper_optimizer=optax.adam(0.03),
+            space={"wd": hparams.log(0.01)},
+            inner_optimizer=optax.adam(0.01),
+            outer_optimizer=optax.adam(0.03),
             init_scale=0.5,
             entropy_weight=0.1,
-            variant=variant,
+            method=method,
         )
-        state = trainer.init(jax.random.key(0))
+        state = trainer.init(key=jax.random.key(0))
         train, val = (jnp.asarray(x_train), jnp.asarray(y_train)), (x_val, y_val)
         state, history = trainer.fit(
             state,
             train,
             val,
-            cycles=1200,
+            steps=1200,
             batch_size=50,
-            val_batch_size=200,
-            warmup_cycles=100,
+            outer_batch_size=200,
+            warmup_steps=100,
             chunk=1300,
+            progress=False,
         )
         lam = float(trainer.hparams(state)["wd"])
         m = trainer.model(state)
@@ -92,7 +98,7 @@ def test_ridge_known_answer(variant):
     # The schedule moved from 0.01 towards the optimum; the network is at w*(lam).
     assert history["hparams/wd"][0] < 0.05 and history["hparams/wd"].shape == (1200,)
     assert np.linalg.norm(w_net - w_star) < 0.05 * np.linalg.norm(w_star)
-    assert int(state.train_skipped) == 0 and int(state.val_skipped) == 0
+    assert int(state.inner_skipped) == 0 and int(state.skipped) == 0
 
 
 # ----------------------------------------------------------------------------- a small classifier
@@ -115,7 +121,7 @@ def _xent(logits, y):
 
 
 def _clf_losses(counter=None):
-    def train_loss(m, h, batch, key):
+    def inner_loss(m, h, batch, key):
         if counter is not None:
             counter.append(1)
         x, y = batch
@@ -123,11 +129,11 @@ def _clf_losses(counter=None):
         logits = h.apply(m, x, rate=h["drop"], key=jax.random.fold_in(key, 1))
         return _xent(logits, y)
 
-    def val_loss(m, h, batch):
+    def outer_loss(m, h, batch):
         x, y = batch
         return _xent(m(x, h.hnet), y)
 
-    return train_loss, val_loss
+    return inner_loss, outer_loss
 
 
 def _clf_data(n=96, seed=0):
@@ -139,12 +145,14 @@ def _clf_data(n=96, seed=0):
 SPACE = {"drop": hparams.unit(0.1), "noise": hparams.log(0.05)}
 
 
-def _trainer(counter=None, **kw):
-    kw.setdefault("optimizer", optax.adam(1e-2))
-    kw.setdefault("hyper_optimizer", optax.adam(3e-2))
-    kw.setdefault("train_steps", 3)
+def _trainer(counter=None, losses=None, **kw):
+    kw.setdefault("inner_optimizer", optax.adam(1e-2))
+    kw.setdefault("outer_optimizer", optax.adam(3e-2))
+    kw.setdefault("inner_steps", 3)
+    kw.setdefault("space", SPACE)
     nh = kw.pop("num_hparams", 2)
-    return stn.Trainer(Mlp(nh, rngs=nnx.Rngs(0)), SPACE, *_clf_losses(counter), **kw)
+    losses = _clf_losses(counter) if losses is None else losses
+    return stn.Trainer(Mlp(nh, rngs=nnx.Rngs(0)), *losses, **kw)
 
 
 _COUNTER: list = []
@@ -154,13 +162,13 @@ _COUNTER: list = []
 def _default():
     """One trainer with its jitted step and batch sampler, compiled once for the module."""
     trainer = _trainer(_COUNTER)
-    sample = jax.jit(trainer.sample_batches, static_argnames=("batch_size", "val_batch_size"))
+    sample = jax.jit(trainer.sample_batches, static_argnames=("batch_size", "outer_batch_size"))
     return trainer, jax.jit(trainer.step), sample
 
 
 @functools.cache
 def _delta():
-    trainer = _trainer(variant="delta", train_steps=1)
+    trainer = _trainer(method=stn.DeltaSTN(), inner_steps=1)
     return trainer, jax.jit(trainer.step), jax.jit(trainer.warmup)
 
 
@@ -174,55 +182,70 @@ def _leaves_equal(a, b):
 
 
 def test_construction_errors():
-    train_loss, val_loss = _clf_losses()
+    inner_loss, outer_loss = _clf_losses()
     model = Mlp(rngs=nnx.Rngs(0))
-    ok = {"optimizer": optax.sgd(0.1), "hyper_optimizer": optax.sgd(0.1)}
-    with pytest.raises(ValueError, match="variant"):
-        stn.Trainer(model, SPACE, train_loss, val_loss, variant="stm", **ok)
-    with pytest.raises(ValueError, match="train_steps"):
-        stn.Trainer(model, SPACE, train_loss, val_loss, train_steps=0, **ok)
-    with pytest.raises(ValueError, match="val_steps"):
-        stn.Trainer(model, SPACE, train_loss, val_loss, val_steps=1.5, **ok)
+    ok = {
+        "space": SPACE,
+        "inner_optimizer": optax.sgd(0.1),
+        "outer_optimizer": optax.sgd(0.1),
+    }
+    make = lambda **kw: stn.Trainer(model, inner_loss, outer_loss, **{**ok, **kw})
+    with pytest.raises(TypeError, match=r"stn\.STN\(\) or stn\.DeltaSTN\(\)"):
+        make(method="delta")
+    with pytest.raises(ValueError, match="inner_steps"):
+        make(inner_steps=0)
+    with pytest.raises(TypeError, match="outer_steps"):
+        make(outer_steps=1.5)
     with pytest.raises(ValueError, match=r"num_hparams=1; mismatched: fc1 \(num_hparams=2\)"):
-        stn.Trainer(model, {"drop": hparams.unit(0.1)}, train_loss, val_loss, **ok)
+        make(space={"drop": hparams.unit(0.1)})
     with pytest.raises(ValueError, match="num_hparams=4"):
-        stn.Trainer(model, SPACE, train_loss, val_loss, encoding="mip", **ok)
+        make(encoding="mip")
     with pytest.raises(ValueError, match="encoding"):
-        stn.Trainer(model, SPACE, train_loss, val_loss, encoding="sin", **ok)
-    with pytest.raises(ValueError, match="linearize"):
-        stn.Trainer(model, SPACE, train_loss, val_loss, linearize=True, **ok)
+        make(encoding="sin")
+    with pytest.raises(TypeError, match="linearize"):
+        stn.DeltaSTN(linearize="yes")
+    with pytest.raises(TypeError):
+        stn.DeltaSTN(True)  # keyword-only
     with pytest.raises(ValueError, match="init_scale"):
-        stn.Trainer(model, SPACE, train_loss, val_loss, init_scale=0.0, **ok)
+        make(init_scale=0.0)
     with pytest.raises(ValueError, match="entropy_weight"):
-        stn.Trainer(model, SPACE, train_loss, val_loss, entropy_weight=-1.0, **ok)
+        make(entropy_weight=-1.0)
     with pytest.raises(ValueError, match="shared"):
-        stn.Trainer(model, SPACE, train_loss, val_loss, shared={"drop": True}, **ok)
-    with pytest.raises(TypeError, match="optimizer"):
-        stn.Trainer(
-            model,
-            SPACE,
-            train_loss,
-            val_loss,
-            optimizer="adam",
-            hyper_optimizer=ok["hyper_optimizer"],
-        )
+        make(shared={"drop": True})
+    with pytest.raises(TypeError, match="inner_optimizer"):
+        make(inner_optimizer="adam")
     with pytest.raises(TypeError, match=r"nnx\.Module"):
-        stn.Trainer(lambda x: x, SPACE, train_loss, val_loss, **ok)
+        stn.Trainer(lambda x: x, inner_loss, outer_loss, **ok)
     with pytest.raises(TypeError, match="hyperparameter spec"):
-        stn.Trainer(model, {"drop": 0.1, "noise": 0.1}, train_loss, val_loss, **ok)
+        make(space={"drop": 0.1, "noise": 0.1})
     with pytest.raises(ValueError, match="ResponseParam"):
-        stn.Trainer(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), SPACE, train_loss, val_loss, **ok)
-    trainer = stn.Trainer(model, SPACE, train_loss, val_loss, train_steps=3, **ok)
+        stn.Trainer(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), inner_loss, outer_loss, **ok)
+    trainer = make(inner_steps=3)
     state = trainer.init()
     x, y = _clf_data()
     with pytest.raises(ValueError, match="expected 3"):
         trainer.step(state, (x[None], y[None]), (x[None], y[None]))
 
 
-def test_no_retracing_and_stable_dtypes():
+def test_numpy_scalar_settings_are_valid():
+    trainer = _trainer(
+        inner_steps=np.int64(2),
+        outer_steps=np.int32(1),
+        init_scale=np.float32(0.5),
+        entropy_weight=np.float64(1e-3),
+        tune_scales=np.bool_(True),
+    )
+    assert (trainer.inner_steps, trainer.outer_steps) == (2, 1)
+    assert type(trainer.inner_steps) is int and trainer.init_scale == 0.5
+    data = _clf_data()
+    tb, vb = trainer.sample_batches(trainer.init(), data, data, np.int64(16), np.int32(8))
+    assert tb[0].shape == (2, 16, 6) and vb[0].shape == (1, 8, 6)
+
+
+def test_no_retracing_stable_dtypes_and_shared_metric_names():
     trainer, step, sample = _default()
     data = _clf_data()
-    state = trainer.init(jax.random.key(0))
+    state = trainer.init(key=jax.random.key(0))
     tb, vb = sample(state, data, data, batch_size=16)
     state1, _ = step(state, tb, vb)
     traces = len(_COUNTER)
@@ -231,8 +254,50 @@ def test_no_retracing_and_stable_dtypes():
     assert len(_COUNTER) == traces > 0
     assert jax.tree.map(lambda a: a.dtype, state2) == jax.tree.map(lambda a: a.dtype, state)
     assert int(state2.step) == 2
-    assert np.isfinite(m2["train_loss"]) and np.isfinite(m2["val_loss"])
-    assert set(m2) >= {"train_loss", "val_loss", "entropy", "hparams", "scales", "train_skipped"}
+    assert np.isfinite(m2["inner_loss"]) and np.isfinite(m2["outer_loss"])
+    # BilevelOptimizer's names, plus the STN-specific ones.
+    assert set(m2) == {
+        "inner_loss",
+        "outer_loss",
+        "hparams",
+        "hypergrad",
+        "hypergrad_norm",
+        "skipped",
+        "inner_skipped",
+        "status",
+        "entropy",
+        "scales",
+    }
+    assert m2["status"].dtype == jnp.int32 and int(m2["status"]) == solvers.Status.SUCCESS
+    assert set(m2["hypergrad"]) == set(SPACE)
+    norm = np.sqrt(sum(float(g) ** 2 for g in m2["hypergrad"].values()))
+    np.testing.assert_allclose(m2["hypergrad_norm"], norm, rtol=1e-5)
+    assert TrainerState._fields == (
+        "params",
+        "model_state",
+        "inner_state",
+        "hparams",
+        "scale",
+        "outer_state",
+        "step",
+        "skipped",
+        "inner_skipped",
+        "key",
+    )
+
+
+def test_init_keywords_and_legacy_keys():
+    trainer, _, _ = _default()
+    legacy = trainer.init(key=jax.random.PRNGKey(7))
+    typed = trainer.init(key=jax.random.key(7))
+    assert jax.dtypes.issubdtype(legacy.key.dtype, jax.dtypes.prng_key)
+    _leaves_equal(legacy.key, typed.key)
+    with pytest.raises(TypeError, match="PRNG key"):
+        trainer.init(key=jnp.zeros(3))
+    params = jax.tree.map(lambda a: a + 1.0, trainer.init().params)
+    state = trainer.init(params, hparams=hparams.unconstrain(SPACE, {"drop": 0.3, "noise": 0.1}))
+    np.testing.assert_allclose(trainer.hparams(state)["drop"], 0.3, rtol=1e-6)
+    _leaves_equal(state.params, params)
 
 
 def _run_cycles(trainer, state, data, cycles, step=None, sample=None):
@@ -248,54 +313,155 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
     trainer, step, sample = _default()
     run = functools.partial(_run_cycles, step=step, sample=sample)
     data = _clf_data()
-    state0 = trainer.init(jax.random.key(3))
+    state0 = trainer.init(key=jax.random.key(3))
     full = run(trainer, state0, data, 4)
     half = run(trainer, state0, data, 2)
     save_checkpoint(tmp_path / "ck", half, int(half.step))
-    restored, step = restore_checkpoint(tmp_path / "ck", trainer.init(jax.random.key(99)))
+    restored, step = restore_checkpoint(tmp_path / "ck", trainer.init(key=jax.random.key(99)))
     assert step == 2
     _leaves_equal(restored, half)
     resumed = run(trainer, restored, data, 2)
     _leaves_equal(resumed, full)
     # Another key gives another run: the state really carries the randomness.
-    other = run(trainer, trainer.init(jax.random.key(4)), data, 4)
+    other = run(trainer, trainer.init(key=jax.random.key(4)), data, 4)
     assert not np.array_equal(other.params["fc1"]["kernel"][...], full.params["fc1"]["kernel"][...])
 
 
+@pytest.mark.filterwarnings("ignore:STN hyperparameter")
 def test_non_finite_steps_are_skipped_and_counted():
-    def train_loss(m, h, batch, key):
+    def inner_loss(m, h, batch, key):
         x, y, bad = batch
         return _xent(m(x, h.hnet), y) + jnp.where(bad[0] > 0, jnp.nan, 0.0)
 
-    def val_loss(m, h, batch):
+    def outer_loss(m, h, batch):
         x, y, bad = batch
         return _xent(m(x, h.hnet), y) + jnp.where(bad[0] > 0, jnp.inf, 0.0)
 
-    trainer = stn.Trainer(
-        Mlp(rngs=nnx.Rngs(0)),
-        SPACE,
-        train_loss,
-        val_loss,
-        optimizer=optax.adam(1e-2),
-        hyper_optimizer=optax.adam(1e-2),
-        train_steps=2,
-    )
+    trainer = _trainer(losses=(inner_loss, outer_loss), inner_steps=2)
     x, y = _clf_data(16)
     state = trainer.init()
     good = jnp.zeros((16,))
     tb = (jnp.stack([x, x]), jnp.stack([y, y]), jnp.stack([good, good + 1]))
     vb = (x[None], y[None], (good + 1)[None])
     new, metrics = jax.jit(trainer.step)(state, tb, vb)
-    assert int(new.train_skipped) == 1 and int(new.val_skipped) == 1
-    assert int(metrics["train_skipped"]) == 1 and int(metrics["val_skipped"]) == 1
+    assert int(new.inner_skipped) == 1 and int(new.skipped) == 1
+    assert int(metrics["inner_skipped"]) == 1 and int(metrics["skipped"]) == 1
+    assert int(metrics["status"]) == solvers.Status.NONFINITE
     assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(new.params))
     _leaves_equal(new.hparams, state.hparams)  # the hyper step was skipped
-    assert np.isfinite(metrics["train_loss"]) and np.isnan(metrics["val_loss"])
-    # The good train step was applied.
+    assert np.isfinite(metrics["inner_loss"]) and np.isnan(metrics["outer_loss"])
+    # The good inner step was applied.
     assert not np.array_equal(new.params["fc1"]["kernel"][...], state.params["fc1"]["kernel"][...])
 
 
-def test_vmap_over_hyperparameter_initializations():
+@pytest.mark.parametrize("method", [stn.STN(), stn.DeltaSTN()], ids=["stn", "delta"])
+def test_guard_skips_a_huge_finite_gradient_that_would_poison_adam(method):
+    # A gradient of 1e25 is finite in float32, but Adam's second moment (1e50) is not: applying
+    # that step would make every later update 0 without a single skip being counted.
+    inner, outer = _clf_losses()
+
+    def inner_loss(m, h, batch, key):
+        x, y, scale = batch
+        return inner(m, h, (x, y), key) * scale[0]
+
+    trainer = _trainer(losses=(inner_loss, lambda m, h, b: outer(m, h, b[:2])), method=method)
+    x, y = _clf_data(16)
+    one = jnp.ones((16,))
+    tb = (jnp.stack([x] * 3), jnp.stack([y] * 3), jnp.stack([one, one * 1e25, one]))
+    vb = (x[None], y[None], one[None])
+    step = jax.jit(trainer.step)
+    state, metrics = step(trainer.init(), tb, vb)
+    assert int(state.inner_skipped) == 1 and int(metrics["inner_skipped"]) == 1
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(state.inner_state))
+    # Training goes on: the next cycle (ordinary batches) still moves the weights.
+    ordinary = (tb[0], tb[1], jnp.stack([one] * 3))
+    after, _ = step(state, ordinary, vb)
+    assert not np.allclose(after.params["fc1"]["kernel"][...], state.params["fc1"]["kernel"][...])
+    assert int(after.inner_skipped) == 1
+
+
+def test_guard_skips_an_outer_step_whose_constrained_hparams_overflow():
+    # The outer loss rewards a larger noise, so SGD pushes u up to about 1e30: finite, but exp(u)
+    # (the log-scale "noise" value) is inf. That step must not be applied.
+    inner, outer = _clf_losses()
+    greedy = lambda m, h, b: outer(m, h, b) - jnp.mean(h["noise"])
+    trainer = _trainer(losses=(inner, greedy), outer_optimizer=optax.sgd(1e32))
+    data = _clf_data()
+    state = trainer.init()
+    tb, vb = trainer.sample_batches(state, data, data, 16)
+    new, metrics = jax.jit(trainer.step)(state, tb, vb)
+    assert int(new.skipped) == 1 and int(metrics["status"]) == solvers.Status.NONFINITE
+    _leaves_equal(new.hparams, state.hparams)
+    _leaves_equal(new.scale, state.scale)
+
+
+def test_unused_hyperparameter_warns_once_naming_it():
+    inner, outer = _clf_losses()
+    space = {**SPACE, "forgotten": hparams.log(0.1)}
+    trainer = _trainer(losses=(inner, outer), space=space, num_hparams=3)
+    data = _clf_data()
+    state = trainer.init()
+    tb, vb = trainer.sample_batches(state, data, data, 16)
+    step = jax.jit(trainer.step)
+    with pytest.warns(UserWarning, match=r"\['forgotten'\]") as record:
+        state, _ = step(state, tb, vb)
+    assert len([w for w in record if "forgotten" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.step(state, tb, vb)  # once per trainer
+
+
+def test_loss_returning_a_tuple_or_a_vector_is_a_clear_type_error():
+    inner, outer = _clf_losses()
+    data = _clf_data(16)
+    batches = (data[0][None], data[1][None])
+    with_aux = lambda m, h, b, key: (inner(m, h, b, key), {"acc": 1.0})
+    trainer = _trainer(losses=(with_aux, outer), inner_steps=1)
+    with pytest.raises(TypeError, match=r"inner_loss returned a tuple .*real scalar.*has_aux"):
+        trainer.step(trainer.init(), batches, batches)
+    vector = lambda m, h, b: optax.softmax_cross_entropy_with_integer_labels(m(b[0], h.hnet), b[1])
+    trainer = _trainer(losses=(inner, vector), inner_steps=1)
+    with pytest.raises(
+        TypeError, match=r"outer_loss returned an array of shape \(16,\).*outer_loss\(model, h"
+    ):
+        trainer.step(trainer.init(), batches, batches)
+
+
+def test_missing_hyperparameter_key_error_names_the_space_but_batch_errors_propagate():
+    inner, outer = _clf_losses()
+    data = {"x": _clf_data(16)[0], "y": _clf_data(16)[1]}
+    batches = jax.tree.map(lambda a: a[None], data)
+
+    def typo(m, h, b, key):
+        return inner(m, h, (b["x"], b["y"]), key) + h["dropout"][0]
+
+    trainer = _trainer(losses=(typo, lambda m, h, b: outer(m, h, (b["x"], b["y"]))), inner_steps=1)
+    with pytest.raises(KeyError, match=r"inner_loss asked for hyperparameter 'dropout'.*'drop'"):
+        trainer.step(trainer.init(), batches, batches)
+
+    def batch_typo(m, h, b):
+        return outer(m, h, (b["inputs"], b["y"]))  # the user's own KeyError
+
+    trainer = _trainer(
+        losses=(lambda m, h, b, k: inner(m, h, (b["x"], b["y"]), k), batch_typo), inner_steps=1
+    )
+    with pytest.raises(KeyError) as info:
+        trainer.step(trainer.init(), batches, batches)
+    assert info.value.args == ("inputs",)
+
+
+def test_outer_batches_none_is_a_clear_value_error_before_the_loss_runs():
+    calls = []
+    trainer = _trainer(calls, inner_steps=1)
+    x, y = _clf_data(16)
+    with pytest.raises(ValueError, match="outer_batches is None"):
+        trainer.step(trainer.init(), (x[None], y[None]), None)
+    with pytest.raises(ValueError, match="outer_data is None"):
+        trainer.sample_batches(trainer.init(), (x, y), None, 8)
+    assert calls == []
+
+
+def test_vmap_population_equals_a_loop():
     trainer, step, sample = _default()
     data = _clf_data()
     values = [
@@ -305,11 +471,11 @@ def test_vmap_over_hyperparameter_initializations():
     us = [hparams.unconstrain(SPACE, v) for v in values]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *us)
     key = jax.random.key(1)
-    states = jax.vmap(trainer.init, in_axes=(None, 0))(key, stacked)
-    tb, vb = sample(trainer.init(key, us[0]), data, data, batch_size=16)
+    states = jax.vmap(lambda u: trainer.init(hparams=u, key=key))(stacked)
+    tb, vb = sample(trainer.init(hparams=us[0], key=key), data, data, batch_size=16)
     new, _ = jax.jit(jax.vmap(trainer.step, in_axes=(0, None, None)))(states, tb, vb)
     for i, u in enumerate(us):
-        single, _ = step(trainer.init(key, u), tb, vb)
+        single, _ = step(trainer.init(hparams=u, key=key), tb, vb)
         for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(single.params), strict=True):
             np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(new.hparams["drop"][i], single.hparams["drop"], rtol=1e-5)
@@ -321,7 +487,7 @@ def test_delta_trains_general_weights_at_unperturbed_hyperparameters():
     trainer, _, warmup = _delta()
     out = []
     for scale in (0.01, 2.0):
-        state = trainer.init(jax.random.key(0))
+        state = trainer.init(key=jax.random.key(0))
         state = state._replace(
             scale=jax.tree.map(lambda r, s=scale: r * 0 + stn.scale_to_param(s), state.scale)
         )
@@ -331,11 +497,11 @@ def test_delta_trains_general_weights_at_unperturbed_hyperparameters():
     _leaves_equal(out[0][0], out[1][0])  # general weights: independent of the perturbation
     resp0, resp1 = jax.tree.leaves(out[0][1]), jax.tree.leaves(out[1][1])
     assert any(not np.allclose(a, b) for a, b in zip(resp0, resp1, strict=True))
-    # In the STN variant the general weights see the perturbation.
+    # In the STN method the general weights see the perturbation.
     trainer, step, sample = _default()
     stns = []
     for scale in (0.01, 2.0):
-        state = trainer.init(jax.random.key(0))
+        state = trainer.init(key=jax.random.key(0))
         state = state._replace(
             scale=jax.tree.map(lambda r, s=scale: r * 0 + stn.scale_to_param(s), state.scale)
         )
@@ -361,9 +527,9 @@ def test_linearized_apply_is_first_order_taylor():
     np.testing.assert_allclose(h.apply(f, x), expected, rtol=1e-6)
     np.testing.assert_allclose(stn.StnHparams({}, z).apply(f, x), f(x, z), rtol=1e-6)
     # Delta-STN with linearization trains.
-    trainer = _trainer(variant="delta", linearize=True)
+    trainer = _trainer(method=stn.DeltaSTN(linearize=True))
     state = _run_cycles(trainer, trainer.init(), _clf_data(), 2)
-    assert int(state.train_skipped) == 0
+    assert int(state.inner_skipped) == 0
     assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(state.params))
 
 
@@ -373,19 +539,17 @@ def test_mip_encoding_and_shared_perturbation():
     def record(drop, noise, hnet):
         seen["drop"], seen["noise"], seen["hnet"] = map(np.asarray, (drop, noise, hnet))
 
-    def train_loss(m, h, batch, key):
+    def inner_loss(m, h, batch, key):
         jax.debug.callback(record, h["drop"], h["noise"], h.hnet)
         x, y = batch
         return _xent(m(x, h.hnet), y)
 
-    trainer = stn.Trainer(
-        Mlp(4, rngs=nnx.Rngs(0)),
-        SPACE,
-        train_loss,
-        _clf_losses()[1],
-        optimizer=optax.sgd(0.1),
-        hyper_optimizer=optax.sgd(0.1),
-        train_steps=1,
+    trainer = _trainer(
+        losses=(inner_loss, _clf_losses()[1]),
+        num_hparams=4,
+        inner_optimizer=optax.sgd(0.1),
+        outer_optimizer=optax.sgd(0.1),
+        inner_steps=1,
         encoding="mip",
         shared={"drop": True, "noise": False},
     )
@@ -402,24 +566,112 @@ def test_mip_encoding_and_shared_perturbation():
     np.testing.assert_allclose(seen["hnet"][:, :2] ** 2 + seen["hnet"][:, 2:] ** 2, 1.0, rtol=1e-5)
 
 
-def test_fit_records_the_schedule():
+# ----------------------------------------------------------------------------- fit
+
+
+def test_fit_records_the_schedule_calls_back_and_does_not_retrace():
     trainer, _, _ = _default()
     data = _clf_data()
     calls = []
+    cb = lambda step, state, metrics: calls.append((step, int(state.step), set(metrics)))
     state, hist = trainer.fit(
         trainer.init(),
         data,
         data,
-        cycles=6,
+        steps=np.int64(6),
         batch_size=16,
-        warmup_cycles=3,
+        warmup_steps=3,
         chunk=3,
-        callback=calls.append,
+        callbacks=[cb],
+        progress=False,
     )
-    assert calls == [3, 6, 9]
+    assert [c[:2] for c in calls] == [(6, 6), (9, 9)]
+    assert calls[0][2] >= {"outer_loss", "hparams", "status"}
     assert int(state.step) == 9
     np.testing.assert_array_equal(hist["step"], np.arange(4, 10))
-    for key in ("hparams/drop", "hparams/noise", "scales/drop", "val_loss", "train_loss"):
+    for key in ("hparams/drop", "hparams/noise", "scales/drop", "outer_loss", "inner_loss"):
         assert hist[key].shape == (6,), key
+    assert hist["hypergrad/drop"].shape == (6,) and hist["status"].dtype == np.int32
     np.testing.assert_allclose(hist["hparams/drop"][-1], trainer.hparams(state)["drop"], rtol=1e-6)
     assert not np.allclose(hist["hparams/drop"][0], hist["hparams/drop"][-1])
+    traces = len(_COUNTER)
+    trainer.fit(state, data, data, steps=6, batch_size=16, warmup_steps=3, chunk=3, progress=False)
+    assert len(_COUNTER) == traces  # the runner is cached on the trainer
+
+
+def test_fit_validates_its_arguments():
+    trainer, _, _ = _default()
+    data, state = _clf_data(), _default()[0].init()
+    kw = {"steps": 2, "batch_size": 16, "progress": False}
+    with pytest.raises(ValueError, match="steps"):
+        trainer.fit(state, data, data, **{**kw, "steps": -1})
+    with pytest.raises(TypeError, match="batch_size"):
+        trainer.fit(state, data, data, **{**kw, "batch_size": 16.0})
+    with pytest.raises(ValueError, match="chunk"):
+        trainer.fit(state, data, data, chunk=0, **kw)
+    with pytest.raises(TypeError, match="callbacks"):
+        trainer.fit(state, data, data, callbacks=[1], **kw)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        trainer.fit(state, data, data, checkpoint_every=2, **kw)
+    with pytest.raises(TypeError, match="lacks sample_batches, step, warmup"):
+        fit(object(), state, data, data, warmup_steps=1, **kw)
+
+
+def test_fit_early_stop_closes_the_one_progress_bar(monkeypatch):
+    bars = []
+
+    class Bar:
+        def __init__(self, total, initial, desc, disable):
+            self.total, self.n, self.desc, self.closed = total, initial, desc, False
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(_fit_module, "_progress_bar", Bar)
+    trainer, _, _ = _default()
+    data = _clf_data()
+    state, hist = trainer.fit(
+        trainer.init(),
+        data,
+        data,
+        steps=9,
+        batch_size=16,
+        chunk=3,
+        callbacks=lambda step, s, m: step >= 6,
+        desc="tuning",
+    )
+    assert len(bars) == 1 and bars[0].closed and bars[0].total == 9 and bars[0].n == 6
+    assert bars[0].desc == "tuning"
+    assert int(state.step) == 6 and hist["step"].tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_fit_resume_is_bit_identical(tmp_path):
+    trainer, _, _ = _default()
+    data = _clf_data()
+    kw = {"steps": 6, "batch_size": 16, "warmup_steps": 2, "chunk": 2, "progress": False}
+    state0 = trainer.init(key=jax.random.key(5))
+    full, full_hist = trainer.fit(state0, data, data, **kw)
+    # An interrupted run: checkpoints every 2 steps, stopped after 4 of the 8.
+    ck = tmp_path / "run"
+    stop = lambda step, s, m: step >= 4
+    _, part = trainer.fit(
+        state0, data, data, checkpoint_dir=ck, checkpoint_every=2, callbacks=stop, **kw
+    )
+    assert part["step"].tolist() == [3, 4] and latest_step(ck) == 4
+    resumed, hist = trainer.fit(state0, data, data, checkpoint_dir=ck, checkpoint_every=2, **kw)
+    _leaves_equal(resumed, full)
+    assert hist.keys() == full_hist.keys()
+    for k in full_hist:
+        np.testing.assert_array_equal(hist[k], full_hist[k], err_msg=k)
+    assert latest_step(ck) == 8
+    # Everything done: a rerun restores and returns without running a step.
+    again, hist2 = trainer.fit(state0, data, data, checkpoint_dir=ck, **kw)
+    _leaves_equal(again, full)
+    np.testing.assert_array_equal(hist2["hparams/drop"], full_hist["hparams/drop"])
+    # resume=False never overwrites another run's checkpoints.
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        trainer.fit(state0, data, data, checkpoint_dir=ck, resume=False, **kw)
