@@ -15,6 +15,7 @@ from bilevel._bilevel import (
     implicit_hypergradient,
 )
 from bilevel._checkpoint import latest_step, restore_checkpoint, save_checkpoint
+from bilevel._fit import fit
 from bilevel._hd import HypergradientLRState, hd_adam, hd_sgd, hypergradient_lr
 from bilevel._hyper_adapt import HyperAdaptState, hyper_adapt
 from bilevel._utils import minibatches, nnx_apply_fn
@@ -27,6 +28,7 @@ __all__ = [
     "Forward",
     "HypergradientInfo",
     "TrainingLoop",
+    "fit",
     "hypergradient",
     "implicit_hypergradient",
     "latest_step",

@@ -332,7 +332,6 @@ class BilevelOptimizer:
         self._inner = _loss(inner_loss, "inner_loss", self.has_aux)
         self._outer = _loss(outer_loss, "outer_loss", self.has_aux)
         self._step = jax.jit(self._step_impl)
-        self._fit_cache: dict = {}
 
     # ------------------------------------------------------------------ public API
 
@@ -454,6 +453,38 @@ class BilevelOptimizer:
             outer_data, jax.random.fold_in(state.key, 2), state.step, outer_batch_size, 1
         )
         return inner, jax.tree.map(lambda a: a[0], outer)
+
+    def fit(
+        self, state: BilevelState, inner_data: PyTree, outer_data: PyTree, **kwargs: Any
+    ) -> tuple[BilevelState, dict[str, np.ndarray]]:
+        """:func:`bilevel.fit` on this tuner: ``fit(self, state, inner_data, outer_data, **kw)``.
+
+        Runs ``steps`` outer steps in jitted chunks on batches from :meth:`sample_batches`, with
+        one progress bar, a metrics history, callbacks and periodic checkpoints with resume.
+        Keyword arguments: ``steps``, ``batch_size``, ``outer_batch_size``, ``chunk``,
+        ``callbacks``, ``checkpoint_dir``, ``checkpoint_every``, ``resume``, ``progress``,
+        ``desc``.
+
+        Returns:
+          ``(state, history)``; ``history`` maps ``"step"``, ``"inner_loss"``, ``"outer_loss"``,
+          ``"hparams/<name>"``, ``"hypergrad/<name>"``, ``"status"``, ... to NumPy arrays with one
+          row per outer step: the hyperparameter columns are the schedule.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, optax, solvers, bilevel
+          >>> X = jax.random.normal(jax.random.key(0), (80, 3)); y = X @ jnp.ones(3)
+          >>> loss = lambda w, h, b: jnp.mean((b[0] @ w - b[1]) ** 2) + h["wd"] * w @ w
+          >>> opt = bilevel.BilevelOptimizer(loss, loss, inner_optimizer=optax.sgd(0.1),
+          ...     outer_optimizer=optax.adam(0.05), space={"wd": bilevel.hparams.log(0.1)},
+          ...     method=solvers.Implicit(), inner_steps=5)
+          >>> state, history = opt.fit(opt.init(jnp.zeros(3)), (X[:60], y[:60]), (X[60:], y[60:]),
+          ...                          steps=20, batch_size=16, progress=False)
+          >>> history["hparams/wd"].shape, bool(history["hparams/wd"][-1] < 0.1)
+          ((20,), True)
+        """
+        from bilevel._fit import fit
+
+        return fit(self, state, inner_data, outer_data, **kwargs)
 
     # ------------------------------------------------------------------ internals
 

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from solvers import checks
+
 PyTree = Any
 
 
@@ -46,9 +48,8 @@ def minibatches(
         raise ValueError(
             f"every leaf of data needs the same leading axis; got {jax.tree.map(jnp.shape, data)}"
         )
-    for name, v in (("batch_size", batch_size), ("num", num)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    batch_size = checks.integer("batch_size", batch_size)
+    num = checks.integer("num", num)
     if batch_size > n:
         raise ValueError(f"batch_size={batch_size} exceeds the {n} rows of data")
     k = jax.random.fold_in(key, step)
@@ -65,27 +66,29 @@ def nnx_apply_fn(
 ) -> tuple[Callable, PyTree]:
     """Split a Flax NNX model into a pure ``apply_fn(params, *args, key=None, **kw)`` and params.
 
-    ``nnx.split(model, wrt, ...)`` separates the trainable parameters from the rest (batch
-    statistics, RNG streams, ...). ``apply_fn`` merges them back into a fresh copy each call, so
-    it is a pure function of ``params``: differentiate it, ``jit`` it, ``vmap`` it over a
-    population. ``key`` reseeds the ``rng_stream`` (dropout) stream for this call. Changes the
-    model makes to non-parameter state during the call (e.g. BatchNorm running averages) are
-    discarded; call ``model.eval()`` before splitting to get an evaluation-mode function.
+        ``nnx.split(model, wrt, ...)`` separates the trainable parameters from the rest (batch
+        statistics, RNG streams, ...). ``apply_fn`` merges them back into a fresh copy each call, so
+        it is a pure function of ``params``: differentiate it, ``jit`` it, ``vmap`` it over a
+        population. ``key`` reseeds the ``rng_stream`` (dropout) stream for this call. Changes the
+        model makes to non-parameter state during the call (e.g. BatchNorm running averages) are
+        discarded; call ``model.eval()`` before splitting to get an evaluation-mode function.
 
-    Args:
-      model: an ``nnx.Module``.
-      wrt: filter selecting the parameters (default ``nnx.Param``).
-      rng_stream: name of the RNG stream that ``key`` reseeds.
+        Args:
+          model: an ``nnx.Module``.
+          wrt: filter selecting the parameters (default ``nnx.Param``).
+          rng_stream: name of the RNG stream that ``key`` reseeds.
 
-    Returns:
-      ``(apply_fn, params)``; ``params`` is an ``nnx.State`` (a pytree).
+        Returns:
+          ``(apply_fn, params)``; ``params`` is an ``nnx.State`` (a pytree).
 
-    Example:
-      >>> import jax, jax.numpy as jnp, bilevel
-      >>> from flax import nnx
-      >>> apply_fn, params = bilevel.nnx_apply_fn(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
-      >>> apply_fn(params, jnp.ones((5, 3))).shape
-      (5, 2)
+        Example:
+          >>> import jax, jax.numpy as jnp, bilevel
+          >>> from flax import nnx
+
+    from solvers import checks
+          >>> apply_fn, params = bilevel.nnx_apply_fn(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+          >>> apply_fn(params, jnp.ones((5, 3))).shape
+          (5, 2)
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")

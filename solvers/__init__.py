@@ -35,6 +35,7 @@ __all__ = [
 from solvers import checks, tree
 from solvers._argmin import ArgminInfo, argmin
 from solvers._implicit import (
+    ImplicitSolveWarning,
     custom_fixed_point,
     custom_root,
     implicit_solution,
@@ -60,6 +61,7 @@ __all__ += [
     "InnerLoop",
     "windowed_solve",
     "GuardResult",
+    "ImplicitSolveWarning",
     "checks",
     "error_if_failed",
     "guard",
