@@ -159,7 +159,17 @@ def _as_array(init: Any) -> np.ndarray:
             "a hyperparameter spec needs a concrete init value, not a traced one; "
             "build spaces outside jit"
         )
-    v = np.asarray(init)
+    try:
+        v = np.asarray(init)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"init must be a number or an array of numbers, got {init!r} ({e})") from None
+    if not (np.issubdtype(v.dtype, np.number) or v.dtype == bool) or np.issubdtype(
+        v.dtype, np.complexfloating
+    ):
+        raise TypeError(
+            f"init must be a real number or an array of real numbers, got {init!r} "
+            f"(dtype {v.dtype})"
+        )
     if np.issubdtype(v.dtype, np.integer) or v.dtype == bool:
         v = v.astype(np.float32)
     if v.dtype == np.float64 and not jax.config.jax_enable_x64:
@@ -167,12 +177,17 @@ def _as_array(init: Any) -> np.ndarray:
     return v
 
 
-def _bound(b: Any) -> float | None:
-    return None if b is None else float(b)
+def _bound(b: Any, name: str) -> float | None:
+    if b is None:
+        return None
+    try:
+        return float(b)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number or None, got {b!r}") from None
 
 
 def _make(kind: str, init: Any, lower: Any, upper: Any) -> Hyperparameter:
-    hp = Hyperparameter(kind, _as_array(init), _bound(lower), _bound(upper))
+    hp = Hyperparameter(kind, _as_array(init), _bound(lower, "lower"), _bound(upper, "upper"))
     hp._check()
     return hp
 
