@@ -162,7 +162,9 @@ def _as_array(init: Any) -> np.ndarray:
     try:
         v = np.asarray(init)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"init must be a number or an array of numbers, got {init!r} ({e})") from None
+        raise TypeError(
+            f"init must be a number or an array of numbers, got {init!r} ({e})"
+        ) from None
     if not (np.issubdtype(v.dtype, np.number) or v.dtype == bool) or np.issubdtype(
         v.dtype, np.complexfloating
     ):

@@ -251,6 +251,7 @@ class Trainer:
         self.outer_steps = checks.integer("outer_steps", outer_steps)
         self.init_scale = checks.number("init_scale", init_scale, low=0.0, low_open=True)
         self.entropy_weight = checks.number("entropy_weight", entropy_weight, low=0.0)
+        self._step_jit = jax.jit(self._step_impl)
 
         self.space = space
         self._u0 = hp.init(space)  # validates the space
@@ -402,7 +403,9 @@ class Trainer:
     def step(
         self, state: TrainerState, inner_batches: PyTree, outer_batches: PyTree
     ) -> tuple[TrainerState, dict]:
-        """One cycle: ``inner_steps`` inner steps, then ``outer_steps`` hyper steps.
+        """One cycle: ``inner_steps`` inner steps, then ``outer_steps`` hyper steps (jitted).
+
+        Jitted inside (compose freely with an outer ``jax.jit`` / ``jax.vmap``).
 
         Args:
           state: current state.
@@ -420,6 +423,9 @@ class Trainer:
         """
         self._num_batches(inner_batches, self.inner_steps, "inner_batches")
         self._num_batches(outer_batches, self.outer_steps, "outer_batches")
+        return self._step_jit(state, inner_batches, outer_batches)
+
+    def _step_impl(self, state, inner_batches, outer_batches):
         keys = jax.random.split(self._cycle_key(state), self.inner_steps + self.outer_steps)
         reads = _Reads(self._names)
         inner = self._inner(state, inner_batches, keys[: self.inner_steps], reads)
