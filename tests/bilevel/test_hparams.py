@@ -106,7 +106,7 @@ def test_init_works_inside_jit():
 
 
 def test_spec_with_a_non_numeric_init_or_bound_is_a_clear_type_error():
-    with pytest.raises(TypeError, match="init must be a real number.*'abc'"):
+    with pytest.raises(TypeError, match=r"init must be a real number.*'abc'"):
         H.log("abc")
     with pytest.raises(TypeError, match="lower must be a real number or None"):
         H.log(0.1, "x")
