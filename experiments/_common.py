@@ -13,7 +13,8 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,6 +45,17 @@ def make_parser(name: str, description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
+
+
+def parse_choices(
+    parser: argparse.ArgumentParser, text: str, choices: Sequence[str], what: str
+) -> list[str]:
+    """The non-empty items of a comma-separated option; an unknown one is a parser error."""
+    items = [item for item in text.split(",") if item]
+    for item in items:
+        if item not in choices:
+            parser.error(f"unknown {what} {item!r}; choose from {choices}")
+    return items
 
 
 def results_dir(args: argparse.Namespace) -> Path:
@@ -143,6 +155,55 @@ def pyplot():
     return plt
 
 
+# ----------------------------------------------------------------------------- timing / metrics
+
+
+def timeit(
+    fns: dict[str, Callable],
+    repeats: int,
+    *,
+    disable: bool = False,
+    desc: str = "timing",
+    warmup: int = 1,
+) -> dict[str, dict[str, float]]:
+    """Wall time of each zero-argument function, in milliseconds, measured interleaved.
+
+    Each function first runs ``warmup`` times untimed (compilation, caches); then every one of
+    ``repeats`` rounds times each function once (``jax.block_until_ready`` on its result). Returns
+    ``{name: {"median_ms", "min_ms", "max_ms"}}``.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    for _ in progress(range(repeats), desc=desc, disable=disable):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {
+        name: {
+            "median_ms": 1e3 * float(np.median(ts)),
+            "min_ms": 1e3 * float(np.min(ts)),
+            "max_ms": 1e3 * float(np.max(ts)),
+        }
+        for name, ts in times.items()
+    }
+
+
+def rel_error(a, b) -> float:
+    """``||a - b|| / ||b||`` in float64 (``||b||`` floored at 1e-300)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def save_figure(fig, path, dpi: int = 120) -> None:
+    """Lay out ``fig``, save it to ``path`` and close it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -182,10 +243,53 @@ def dense_mlp(params: list[dict], x):
     return x @ params[-1]["w"] + params[-1]["b"]
 
 
+def dense_mlp_loss(params: list[dict], x, y):
+    """Mean softmax cross-entropy (integer labels) of :func:`dense_mlp`'s logits."""
+    return xent(dense_mlp(params, x), y)
+
+
+def dense_mlp_accuracy(params: list[dict], x, y):
+    """Accuracy of :func:`dense_mlp`'s argmax prediction."""
+    return accuracy(dense_mlp(params, x), y)
+
+
 def logistic_loss(w, X, y):
     """Mean binary cross-entropy of a linear model with logits ``X @ w`` (labels in {0, 1})."""
     logits = X @ w
     return jnp.mean(jnp.logaddexp(0.0, logits) - y * logits)
+
+
+def xent(logits, y):
+    """Mean softmax cross-entropy with integer labels."""
+    import optax
+
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+
+def accuracy(logits, y):
+    return jnp.mean(jnp.argmax(logits, -1) == y)
+
+
+# ----------------------------------------------------------------------------- bilevel test problems
+# Per-feature L2 penalty ``exp(log_lam)`` as hyperparameter (bench_solvers, hypergrad_accuracy).
+
+
+def ridge_val(w, X, y):
+    """0.5 mean squared error of the linear model ``X @ w``."""
+    return 0.5 * jnp.mean((X @ w - y) ** 2)
+
+
+def ridge_inner(w, log_lam, X, y):
+    """0.5 mean squared error + 0.5 sum(exp(log_lam) * w^2)."""
+    return ridge_val(w, X, y) + 0.5 * jnp.sum(jnp.exp(log_lam) * w**2)
+
+
+logistic_val = logistic_loss
+
+
+def logistic_inner(w, log_lam, X, y):
+    """Mean logistic loss + 0.5 sum(exp(log_lam) * w^2) (labels in {0, 1})."""
+    return logistic_loss(w, X, y) + 0.5 * jnp.sum(jnp.exp(log_lam) * w**2)
 
 
 # ----------------------------------------------------------------------------- data
@@ -300,6 +404,13 @@ DIGITS_NAMES = ("drop_in", "drop_hidden", "noise")
 CNN_NAMES = ("drop", "shift", "cutout", "noise")
 
 
+def stn_variants() -> dict:
+    """``--variant`` name -> STN method class (``stn.STN``, ``stn.DeltaSTN``)."""
+    from bilevel import stn
+
+    return {"stn": stn.STN, "delta": stn.DeltaSTN}
+
+
 class StnMlp(nnx.Module):
     """MLP of best-response layers with per-example input/hidden dropout."""
 
@@ -396,17 +507,6 @@ class PlainCnn(nnx.Module):
         return self.fc2(x)
 
 
-def xent(logits, y):
-    """Mean softmax cross-entropy with integer labels."""
-    import optax
-
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-
-
-def accuracy(logits, y):
-    return jnp.mean(jnp.argmax(logits, -1) == y)
-
-
 def digits_space(init_dropout=0.05, init_noise=0.05):
     """Input dropout, hidden dropout (in (0, 0.95)) and input-noise std (log scale, <= 2)."""
     from bilevel import hparams
@@ -487,6 +587,18 @@ def fmt_hparams(h: dict) -> str:
     return " ".join(f"{k}={v:.3g}" for k, v in h.items())
 
 
+def stn_row(method: str, result: dict, seconds: float) -> dict:
+    """A results-table row of :func:`run_stn` or :func:`train_fixed` output."""
+    return {
+        "method": method,
+        "val_loss": result["val_loss"],
+        "best_val_loss": result["best_val_loss"],
+        "test_acc": result["test_accuracy"],
+        "final_hparams": fmt_hparams(result["hparams"]),
+        "seconds": seconds,
+    }
+
+
 def run_stn(
     make_model,
     data: Split,
@@ -555,8 +667,6 @@ def run_stn(
     # Compile the chunked loops and the evaluation before timing (results discarded).
     trainer.fit(state, train, val, steps=cycles_per_block, progress=False, **kw)
     evaluate(state, *val)
-    import time
-
     t0 = time.perf_counter()
     state, history = trainer.fit(
         state,
@@ -608,8 +718,6 @@ def train_fixed(
     ``configs`` maps each hyperparameter name to an array of shape ``(K,)``, which
     ``plain_loss(model, cfg, x, y, key)`` uses (default: ``drop_in, drop_hidden, noise``).
     """
-    import time
-
     import optax
 
     reshape = (lambda a: a) if input_shape is None else (lambda a: a.reshape(-1, *input_shape))
@@ -691,6 +799,4 @@ def plot_schedule(path, result, title, names=DIGITS_NAMES):
     ax[0].legend()
     ax[1].plot([c["epoch"] for c in result["curve"]], [c["val_loss"] for c in result["curve"]])
     ax[1].set(xlabel="epoch", ylabel="validation cross-entropy", title="validation loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

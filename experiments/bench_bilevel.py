@@ -28,32 +28,29 @@ from bilevel import hparams as H
 from experiments import _common
 
 mlp_init = _common.dense_mlp_init
-mlp = _common.dense_mlp
-
-
-def xent(params, x, y):
-    return optax.softmax_cross_entropy_with_integer_labels(mlp(params, x), y).mean()
 
 
 def inner_loss(params, h, batch):
     x, y = batch
     decay = sum(wd * jnp.sum(layer["w"] ** 2) for wd, layer in zip(h["wd"], params, strict=True))
-    return xent(params, x, y) + decay
+    return _common.dense_mlp_loss(params, x, y) + decay
 
 
 def outer_loss(params, h, batch):
-    return xent(params, *batch)
+    return _common.dense_mlp_loss(params, *batch)
 
 
-def timeit(fns: dict, repeats: int, disable: bool) -> dict:
-    """Median seconds of each zero-argument function, measured interleaved."""
-    times = {name: [] for name in fns}
-    for _ in _common.progress(range(repeats), desc="timing", disable=disable):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(ts)) for name, ts in times.items()}
+def make_optimizer(space, method, inner_opt, inner_steps):
+    """The benchmarked tuner: Adam(0.05) on the hyperparameters of ``space``."""
+    return bilevel.BilevelOptimizer(
+        inner_loss,
+        outer_loss,
+        inner_optimizer=inner_opt,
+        outer_optimizer=optax.adam(0.05),
+        space=space,
+        method=method,
+        inner_steps=inner_steps,
+    )
 
 
 def main(argv=None):
@@ -109,23 +106,18 @@ def main(argv=None):
     opt_state0 = inner_opt.init(params0)
     fns = {"plain": lambda: plain(params0, opt_state0, batches)}
     for name, method in methods.items():
-        opt = bilevel.BilevelOptimizer(
-            inner_loss,
-            outer_loss,
-            inner_optimizer=inner_opt,
-            outer_optimizer=optax.adam(0.05),
-            space=space,
-            method=method,
-            inner_steps=n,
-        )
+        opt = make_optimizer(space, method, inner_opt, n)
         state = opt.init(params0)
         step = jax.jit(opt.step)
-        jax.block_until_ready(step(state, batches, val))  # compile
         fns[name] = lambda step=step, state=state: step(state, batches, val)
-    jax.block_until_ready(fns["plain"]())
-    times = timeit(fns, args.repeats, quiet)
+    times = _common.timeit(fns, args.repeats, disable=quiet)  # compiles in its warm-up
+    plain_ms = times["plain"]["median_ms"]
     overhead_rows = [
-        {"method": name, "ms_per_outer_step": 1e3 * t, "ratio_vs_plain": t / times["plain"]}
+        {
+            "method": name,
+            "ms_per_outer_step": t["median_ms"],
+            "ratio_vs_plain": t["median_ms"] / plain_ms,
+        }
         for name, t in times.items()
     ]
 
@@ -139,17 +131,10 @@ def main(argv=None):
     warm_rows = []
     for hessian_batch in ("full",) if args.smoke else ("full", 256):
         for warm in (True, False):
-            opt = bilevel.BilevelOptimizer(
-                inner_loss,
-                outer_loss,
-                inner_optimizer=inner_opt,
-                outer_optimizer=optax.adam(0.05),
-                space=lin_space,
-                method=solvers.Implicit(
-                    linear_solver=solvers.cg(maxiter=500, tol=1e-4), warm_start=warm
-                ),
-                inner_steps=n,
+            method = solvers.Implicit(
+                linear_solver=solvers.cg(maxiter=500, tol=1e-4), warm_start=warm
             )
+            opt = make_optimizer(lin_space, method, inner_opt, n)
             state = opt.init(lin_params)
             step = jax.jit(opt.step)
             iters, secs, resid = [], [], []
@@ -184,15 +169,7 @@ def main(argv=None):
     wds = np.logspace(-6, -2, p)
     pop_rows = []
     for name in ("implicit-cg(20)",) if args.smoke else ("implicit-cg(20)", "soba (neumann 1)"):
-        opt = bilevel.BilevelOptimizer(
-            inner_loss,
-            outer_loss,
-            inner_optimizer=inner_opt,
-            outer_optimizer=optax.adam(0.05),
-            space=space,
-            method=methods[name],
-            inner_steps=n,
-        )
+        opt = make_optimizer(space, methods[name], inner_opt, n)
         members = [
             opt.init(
                 mlp_init(jax.random.PRNGKey(i), sizes),
@@ -203,27 +180,26 @@ def main(argv=None):
         population = jax.tree.map(lambda *a: jnp.stack(a), *members)
         step = jax.jit(opt.step)
         vstep = jax.jit(jax.vmap(opt.step, in_axes=(0, None, None)))
-        jax.block_until_ready(vstep(population, batches, val))
-        jax.block_until_ready(step(members[0], batches, val))
 
         def loop(step=step, members=members):
             return [step(s, batches, val) for s in members]
 
-        pop_times = timeit(
+        pop_times = _common.timeit(
             {
                 "loop": loop,
                 "vmap": lambda vstep=vstep, population=population: vstep(population, batches, val),
             },
             max(3, args.repeats // 3),
-            quiet,
+            disable=quiet,
         )
+        loop_ms, vmap_ms = pop_times["loop"]["median_ms"], pop_times["vmap"]["median_ms"]
         pop_rows.append(
             {
                 "method": name,
                 "members": p,
-                "loop_ms": 1e3 * pop_times["loop"],
-                "vmap_ms": 1e3 * pop_times["vmap"],
-                "throughput_ratio": pop_times["loop"] / pop_times["vmap"],
+                "loop_ms": loop_ms,
+                "vmap_ms": vmap_ms,
+                "throughput_ratio": loop_ms / vmap_ms,
             }
         )
 
@@ -250,9 +226,7 @@ def main(argv=None):
         ylabel="ms per outer step of the whole population", title=f"Population of {p} tuners"
     )
     axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(out / "bench_bilevel.png", dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, out / "bench_bilevel.png", dpi=120)
 
     _common.print_table(overhead_rows, title=f"(a) one outer step vs {n} plain Adam steps")
     _common.print_table(warm_rows, title="(b) warm-started vs cold implicit CG (tol 1e-4)")

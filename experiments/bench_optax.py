@@ -21,14 +21,15 @@ import optax
 
 import bilevel
 from experiments._common import (
-    dense_mlp,
     dense_mlp_init,
+    dense_mlp_loss,
     make_parser,
     print_table,
     progress,
     pyplot,
     results_dir,
     save_csv,
+    save_figure,
     save_json,
 )
 
@@ -58,13 +59,9 @@ OPTIMIZERS = {
 init_mlp = dense_mlp_init
 
 
-def mlp_loss(params, x, y):
-    return optax.softmax_cross_entropy_with_integer_labels(dense_mlp(params, x), y).mean()
-
-
 def make_step(tx):
     def step(params, state, x, y):
-        loss, grads = jax.value_and_grad(mlp_loss)(params, x, y)
+        loss, grads = jax.value_and_grad(dense_mlp_loss)(params, x, y)
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
@@ -182,9 +179,7 @@ def main(argv=None):
         ax.legend()
     ax.set_ylabel("time per step / baseline")
     ax.set_title(f"MLP {'-'.join(map(str, sizes))}, batch {args.batch}, {meta['device']}")
-    fig.tight_layout()
-    fig.savefig(out / "bench_optax.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "bench_optax.png", dpi=120)
 
     print_table(
         rows,

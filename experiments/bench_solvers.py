@@ -20,9 +20,7 @@
 from __future__ import annotations
 
 import math
-import time
 import warnings
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -32,15 +30,20 @@ import numpy as np
 import optax
 
 import solvers
-from experiments import _common
 from experiments._common import (
+    logistic_inner,
+    logistic_val,
     make_parser,
     print_table,
-    progress,
     pyplot,
+    rel_error,
     results_dir,
+    ridge_inner,
+    ridge_val,
     save_csv,
+    save_figure,
     save_json,
+    timeit,
 )
 
 with warnings.catch_warnings():
@@ -49,42 +52,10 @@ with warnings.catch_warnings():
     from jaxopt import linear_solve as jaxopt_linear_solve
 
 
-def timeit(fns: dict[str, Callable], repeats: int, disable: bool, desc: str) -> dict[str, dict]:
-    """Median (and spread) of the wall time of each zero-argument function, measured interleaved."""
-    times = {name: [] for name in fns}
-    for _ in progress(range(repeats), desc=desc, disable=disable):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t0)
-    return {
-        name: {
-            "median_ms": 1e3 * float(np.median(ts)),
-            "min_ms": 1e3 * float(np.min(ts)),
-            "max_ms": 1e3 * float(np.max(ts)),
-        }
-        for name, ts in times.items()
-    }
-
-
-def rel_diff(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 # ----------------------------------------------------------------------------- (a) implicit
 
 
-def ridge_inner(w, log_lam, X, y):
-    """0.5 mean squared error + 0.5 sum(exp(log_lam) * w^2)."""
-    return 0.5 * jnp.mean((X @ w - y) ** 2) + 0.5 * jnp.sum(jnp.exp(log_lam) * w**2)
-
-
 ridge_optimality = jax.grad(ridge_inner)
-
-
-def ridge_val(w, X, y):
-    return 0.5 * jnp.mean((X @ w - y) ** 2)
 
 
 def precomputed_solution(init_params, log_lam, X, y):
@@ -109,12 +80,13 @@ def implicit_vs_jaxopt(n: int, d: int, lam: float, iters: int, repeats: int, see
 
     ours_cg = solvers.cg(maxiter=iters, tol=0.0)
     jaxopt_cg = partial(jaxopt_linear_solve.solve_cg, maxiter=iters, tol=0.0)
+    # Exactly ``iters`` CG iterations by design (tol=0): no convergence warning (a host callback).
     decorated = {
         "ours (symmetric=True)": solvers.custom_root(
-            ridge_optimality, linear_solver=ours_cg, symmetric=True
+            ridge_optimality, linear_solver=ours_cg, symmetric=True, warn=False
         )(precomputed_solution),
         "ours (symmetric=False)": solvers.custom_root(
-            ridge_optimality, linear_solver=ours_cg, symmetric=False
+            ridge_optimality, linear_solver=ours_cg, symmetric=False, warn=False
         )(precomputed_solution),
         "jaxopt": jaxopt_implicit_diff.custom_root(ridge_optimality, solve=jaxopt_cg)(
             precomputed_solution
@@ -138,11 +110,11 @@ def implicit_vs_jaxopt(n: int, d: int, lam: float, iters: int, repeats: int, see
     u_scipy, _ = jax.jit(
         lambda b: jax.scipy.sparse.linalg.cg(hvp, b, maxiter=iters, tol=0.0, atol=0.0)
     )(cotangent)
-    scipy_residual = rel_diff(hvp(u_scipy), cotangent)
-    ours_residual = rel_diff(hvp(u), cotangent)
+    scipy_residual = rel_error(hvp(u_scipy), cotangent)
+    ours_residual = rel_error(hvp(u), cotangent)
 
     fns = {name: partial(c, *args) for name, c in compiled.items()}
-    times = timeit(fns, repeats, quiet, "(a) implicit vs jaxopt")
+    times = timeit(fns, repeats, disable=quiet, desc="(a) implicit vs jaxopt")
     ref = times["jaxopt"]["median_ms"]
     rows = [
         {
@@ -150,7 +122,7 @@ def implicit_vs_jaxopt(n: int, d: int, lam: float, iters: int, repeats: int, see
             "median_ms": t["median_ms"],
             "min_ms": t["min_ms"],
             "ratio_vs_jaxopt": t["median_ms"] / ref,
-            "hypergrad_rel_diff_vs_jaxopt": rel_diff(grads[name], grads["jaxopt"]),
+            "hypergrad_rel_diff_vs_jaxopt": rel_error(grads[name], grads["jaxopt"]),
         }
         for name, t in times.items()
     ]
@@ -169,7 +141,7 @@ def implicit_vs_jaxopt(n: int, d: int, lam: float, iters: int, repeats: int, see
         },
         "solvers_cg_true_residual": ours_residual,
         "jax_scipy_cg_true_residual": scipy_residual,
-        "cg_solution_rel_diff_ours_vs_jax_scipy": rel_diff(u, u_scipy),
+        "cg_solution_rel_diff_ours_vs_jax_scipy": rel_error(u, u_scipy),
         "hypergrad_norm": {name: float(jnp.linalg.norm(g)) for name, g in grads.items()},
         "repeats": repeats,
     }
@@ -177,14 +149,6 @@ def implicit_vs_jaxopt(n: int, d: int, lam: float, iters: int, repeats: int, see
 
 
 # ----------------------------------------------------------------------------- (b) unrolled
-
-
-def logistic_inner(w, log_lam, X, y):
-    """Mean logistic loss + 0.5 sum(exp(log_lam) * w^2) (labels in {0, 1})."""
-    return _common.logistic_loss(w, X, y) + 0.5 * jnp.sum(jnp.exp(log_lam) * w**2)
-
-
-logistic_val = _common.logistic_loss
 
 
 def memory_fields(compiled) -> dict[str, int]:
@@ -240,8 +204,8 @@ def unrolled_memory(n: int, d: int, steps: int, every: int, lam: float, repeats,
     times = timeit(
         {name: partial(c, *args) for name, c in compiled.items()},
         repeats,
-        quiet,
-        "(b) unrolled memory",
+        disable=quiet,
+        desc="(b) unrolled memory",
     )
     plain, ckpt = list(adjoints)
     rows = [
@@ -261,7 +225,7 @@ def unrolled_memory(n: int, d: int, steps: int, every: int, lam: float, repeats,
         "lam": lam,
         "dtype": "float32",
         "memory_analysis_fields": memory,
-        "hypergrad_rel_diff": rel_diff(grads[ckpt], grads[plain]),
+        "hypergrad_rel_diff": rel_error(grads[ckpt], grads[plain]),
         "memory_ratio": rows[0]["temp_bytes"] / max(rows[1]["temp_bytes"], 1),
         "time_ratio": rows[1]["median_ms"] / rows[0]["median_ms"],
         "repeats": repeats,
@@ -288,9 +252,7 @@ def plot(implicit_rows, unrolled_rows, path: Path) -> None:
     axes[2].set_title("(b) unrolled: time")
     for ax in axes:
         ax.tick_params(axis="x", labelsize=8, rotation=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv=None):

@@ -169,9 +169,7 @@ def main(argv=None):
     ax.boxplot([np.array(t_plain) * 1e3, np.array(t_stn) * 1e3])
     ax.set_xticks([1, 2], ["plain", "STN"])
     ax.set(ylabel="ms per epoch", title=f"STN / plain = {ratio:.2f}x ({args.model})")
-    fig.tight_layout()
-    fig.savefig(out / "bench_stn.png", dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, out / "bench_stn.png", dpi=120)
     _common.print_table(rows, title="wall time per epoch (median of interleaved runs)")
     print(f"STN / plain ratio: {ratio:.2f}x (target <= 2.2x)")
     return record

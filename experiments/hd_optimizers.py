@@ -28,8 +28,9 @@ import optax
 
 import bilevel
 from experiments._common import (
-    dense_mlp,
+    dense_mlp_accuracy,
     dense_mlp_init,
+    dense_mlp_loss,
     load_digits,
     load_mnist5k,
     make_parser,
@@ -38,6 +39,7 @@ from experiments._common import (
     pyplot,
     results_dir,
     save_csv,
+    save_figure,
     save_json,
 )
 
@@ -79,17 +81,6 @@ def init_model(key, sizes):
     return dense_mlp_init(key, sizes, zero_linear=True)
 
 
-logits_fn = dense_mlp
-
-
-def loss_fn(params, x, y):
-    return optax.softmax_cross_entropy_with_integer_labels(logits_fn(params, x), y).mean()
-
-
-def accuracy(params, x, y):
-    return jnp.mean(jnp.argmax(logits_fn(params, x), -1) == y)
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -128,13 +119,17 @@ def train_population(method, sizes, data, lrs, seeds, epochs, batch, betas, show
 
         def step(carry, i):
             params, state = carry
-            loss, grads = jax.value_and_grad(loss_fn)(params, x_tr[i], y_tr[i])
+            loss, grads = jax.value_and_grad(dense_mlp_loss)(params, x_tr[i], y_tr[i])
             updates, state = tx.update(grads, state, params, value=loss)
             return (optax.apply_updates(params, updates), state), (loss, current_lr(state, lr0))
 
         (params, state), (losses, lr_steps) = jax.lax.scan(step, (params, state), idx)
         p_eval = eval_params(params, state)
-        metrics = (loss_fn(p_eval, x_va, y_va), jnp.mean(losses), accuracy(p_eval, x_te, y_te))
+        metrics = (
+            dense_mlp_loss(p_eval, x_va, y_va),
+            jnp.mean(losses),
+            dense_mlp_accuracy(p_eval, x_te, y_te),
+        )
         return params, state, metrics, lr_steps
 
     init_v = jax.jit(jax.vmap(init))
@@ -235,9 +230,7 @@ def plot_curves(results, lrs, models, methods, path):
             if c == 0:
                 ax.set_ylabel("validation loss")
     axes[0, -1].legend(fontsize=6, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_lr(results, lrs, models, path, steps_per_epoch):
@@ -258,9 +251,7 @@ def plot_lr(results, lrs, models, path, steps_per_epoch):
             ax.set_xlabel("epoch")
         if hd:
             axes[r, 0].legend(title="lr0", fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------- quickstart
@@ -320,9 +311,7 @@ def quickstart_section(smoke: bool, seed: int, out: Path, show_progress: bool) -
     ax2.set_xlabel("step")
     ax2.set_ylabel("learning rate")
     fig.suptitle("digits, logistic regression: HD-Adam recovers from a bad learning rate")
-    fig.tight_layout()
-    fig.savefig(out / "hd_vs_adam.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "hd_vs_adam.png", dpi=110)
     return rows
 
 

@@ -347,14 +347,8 @@ def main(argv=None):
         args.truncate = min(args.truncate, 2)
         if args.soba_scale is None:
             args.soba_scale = 0.05  # skip the power iteration's compilation
-    models = [m for m in args.models.split(",") if m]
-    methods = [m for m in args.methods.split(",") if m]
-    for m in models:
-        if m not in MODELS:
-            parser.error(f"unknown model {m!r}; choose from {MODELS}")
-    for m in methods:
-        if m not in METHODS:
-            parser.error(f"unknown method {m!r}; choose from {METHODS}")
+    models = _common.parse_choices(parser, args.models, MODELS, "model")
+    methods = _common.parse_choices(parser, args.methods, METHODS, "method")
     try:
         parse_per_model(args.cg_ridge)
     except ValueError as e:
@@ -458,9 +452,7 @@ def plot(results, models, path):
             ylim=(0, 1.02),
         )
         ax2.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -48,15 +48,20 @@ import numpy as np
 import optax
 
 import solvers
-from experiments import _common
 from experiments._common import (
     load_breast_cancer,
+    logistic_inner,
+    logistic_val,
     make_parser,
     print_table,
     progress,
     pyplot,
+    rel_error,
     results_dir,
+    ridge_inner,
+    ridge_val,
     save_csv,
+    save_figure,
     save_json,
 )
 
@@ -66,28 +71,6 @@ TARGET = 1e-6  # relative error for the "cost to reach" column
 
 
 # ----------------------------------------------------------------------------- problems
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-
-
-def ridge_inner(w, log_lam, X, y):
-    """0.5 mean squared error + 0.5 sum(exp(log_lam) * w^2)."""
-    return 0.5 * jnp.mean((X @ w - y) ** 2) + 0.5 * jnp.sum(jnp.exp(log_lam) * w**2)
-
-
-def ridge_val(w, X, y):
-    return 0.5 * jnp.mean((X @ w - y) ** 2)
-
-
-def logistic_inner(w, log_lam, X, y):
-    """Mean logistic loss + 0.5 sum(exp(log_lam) * w^2) (labels in {0, 1})."""
-    return _common.logistic_loss(w, X, y) + 0.5 * jnp.sum(jnp.exp(log_lam) * w**2)
-
-
-logistic_val = _common.logistic_loss
 
 
 class Problem(NamedTuple):
@@ -193,7 +176,7 @@ def logistic_problem(lam: float, seed: int, fd_eps: float) -> Problem:
 
     w_star, reference, grad_norm, fd = reference_and_checks(log_lam)
     grad_norm = float(grad_norm)
-    fd_diff = rel_err(fd, reference)
+    fd_diff = rel_error(fd, reference)
 
     # Gradient descent must be stable everywhere: L = lambda_max(X^T X) / (4 n) + max(lam).
     x_np = np.asarray(X)
@@ -330,7 +313,7 @@ def sweep(p: Problem, iters: list[int], steps: list[int], truncated_total: int, 
                     "setting": k,
                     "cost": counter.take(),
                     "cost_unit": "hvp",
-                    "rel_error": rel_err(g, p.reference),
+                    "rel_error": rel_error(g, p.reference),
                     "iterations": int(stats.iterations),
                     "residual": float(stats.residual),
                 }
@@ -350,7 +333,7 @@ def sweep(p: Problem, iters: list[int], steps: list[int], truncated_total: int, 
                     "setting": k,
                     "cost": k,
                     "cost_unit": "inner steps" if method == "unrolled" else "differentiated steps",
-                    "rel_error": rel_err(g, p.reference),
+                    "rel_error": rel_error(g, p.reference),
                 }
             )
             bar.update()
@@ -398,9 +381,7 @@ def plot(rows: list[dict], problems: list[Problem], path: Path) -> None:
         ax.set_title(f"{p.name} (Hessian condition {p.info['hessian_condition']:.3g})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv=None):

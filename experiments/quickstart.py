@@ -171,9 +171,7 @@ def nnx_section(smoke: bool, seed: int, out, show_progress: bool) -> list[dict]:
         title="Weight-decay schedules found online (NNX MLP, digits)",
     )
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "nnx_weight_decay.png", dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, out / "nnx_weight_decay.png", dpi=120)
     return rows
 
 
@@ -279,9 +277,7 @@ def l2_section(args, out) -> list[dict]:
     axes[1].axhline(np.log10(grid[best]), color="k", ls="--", label="best shared penalty")
     axes[1].set(xlabel="feature", ylabel="log10 penalty", title="Tuned penalties")
     axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(out / "quickstart.png", dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, out / "quickstart.png", dpi=120)
 
     return rows
 

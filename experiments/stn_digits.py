@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from bilevel import stn
 from experiments import _common
 
 NAMES = _common.DIGITS_NAMES
-METHODS = {"stn": stn.STN, "delta": stn.DeltaSTN}
+METHODS = _common.stn_variants()  # --variant -> STN method class
 
 
 def random_configs(rs, k):
@@ -104,36 +103,17 @@ def main(argv=None):
     best = min(search, key=lambda r: r["val_loss"])
 
     rows = [
-        {
-            "method": f"{args.variant.upper()} (tuned online)",
-            "val_loss": stn_result["val_loss"],
-            "best_val_loss": stn_result["best_val_loss"],
-            "test_acc": stn_result["test_accuracy"],
-            "final_hparams": _common.fmt_hparams(stn_result["hparams"]),
-            "seconds": stn_result["seconds"],
-        }
+        _common.stn_row(
+            f"{args.variant.upper()} (tuned online)", stn_result, stn_result["seconds"]
+        ),
+        *(
+            _common.stn_row(f"fixed dropout {p:g}", r, per_run)
+            for p, r in zip((0.0, 0.2, 0.5), fixed, strict=True)
+        ),
+        _common.stn_row(
+            f"random search ({trials} trials, best by final val)", best, search_seconds
+        ),
     ]
-    for p, r in zip((0.0, 0.2, 0.5), fixed, strict=True):
-        rows.append(
-            {
-                "method": f"fixed dropout {p:g}",
-                "val_loss": r["val_loss"],
-                "best_val_loss": r["best_val_loss"],
-                "test_acc": r["test_accuracy"],
-                "final_hparams": _common.fmt_hparams(r["hparams"]),
-                "seconds": per_run,
-            }
-        )
-    rows.append(
-        {
-            "method": f"random search ({trials} trials, best by final val)",
-            "val_loss": best["val_loss"],
-            "best_val_loss": best["best_val_loss"],
-            "test_acc": best["test_accuracy"],
-            "final_hparams": _common.fmt_hparams(best["hparams"]),
-            "seconds": search_seconds,
-        }
-    )
     record = {
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "stn": {k: v for k, v in stn_result.items()},

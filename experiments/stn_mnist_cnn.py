@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from bilevel import stn
 from experiments import _common
 
 NAMES = _common.CNN_NAMES
-METHODS = {"stn": stn.STN, "delta": stn.DeltaSTN}
+METHODS = _common.stn_variants()  # --variant -> STN method class
 
 
 def main(argv=None):
@@ -76,26 +75,16 @@ def main(argv=None):
         plain_loss=_common.cnn_plain_loss,
     )
     rows = [
-        {
-            "method": f"{args.variant.upper()} CNN (tuned online)",
-            "val_loss": stn_result["val_loss"],
-            "best_val_loss": stn_result["best_val_loss"],
-            "test_acc": stn_result["test_accuracy"],
-            "final_hparams": _common.fmt_hparams(stn_result["hparams"]),
-            "seconds": stn_result["seconds"],
-        }
+        _common.stn_row(
+            f"{args.variant.upper()} CNN (tuned online)", stn_result, stn_result["seconds"]
+        ),
+        *(
+            _common.stn_row(f"plain CNN, {name}", r, seconds / 2)
+            for name, r in zip(
+                ("no regularization", "dropout 0.3, shift 2, cutout 8"), fixed, strict=True
+            )
+        ),
     ]
-    for name, r in zip(("no regularization", "dropout 0.3, shift 2, cutout 8"), fixed, strict=True):
-        rows.append(
-            {
-                "method": f"plain CNN, {name}",
-                "val_loss": r["val_loss"],
-                "best_val_loss": r["best_val_loss"],
-                "test_acc": r["test_accuracy"],
-                "final_hparams": _common.fmt_hparams(r["hparams"]),
-                "seconds": seconds / 2,
-            }
-        )
     record = {
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "val_loss": stn_result["val_loss"],

@@ -27,7 +27,7 @@ from flax import nnx
 from bilevel import hparams, stn
 from experiments import _common
 
-METHODS = {"stn": stn.STN, "delta": stn.DeltaSTN}
+METHODS = _common.stn_variants()  # --variant -> STN method class
 
 
 def make_data(n_train: int, n_val: int, dim: int, noise: float, data_seed: int):
@@ -253,9 +253,7 @@ def main(argv=None):
     ax[1].axhline(first["optimal_val_loss"], color="k", ls="--", label="optimum")
     ax[1].set(xlabel="cycle", ylabel="validation MSE (perturbed)", title="validation loss")
     ax[0].legend()
-    fig.tight_layout()
-    fig.savefig(out / "stn_ridge.png", dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, out / "stn_ridge.png", dpi=120)
 
     _common.print_table(rows, title="STN on ridge regression (known answer)")
     return record

@@ -303,14 +303,8 @@ def main(argv=None):
     if args.smoke:
         args.hidden, args.outer_steps, args.inner_steps, args.eval_every = 32, 4, 3, 2
         args.budget_factor = min(args.budget_factor, 3.0)
-    methods = [m for m in args.methods.split(",") if m]
-    searches = [s for s in args.searches.split(",") if s]
-    for m in methods:
-        if m not in METHODS:
-            parser.error(f"unknown method {m!r}; choose from {METHODS}")
-    for s in searches:
-        if s not in SEARCHES:
-            parser.error(f"unknown search {s!r}; choose from {SEARCHES}")
+    methods = _common.parse_choices(parser, args.methods, METHODS, "method")
+    searches = _common.parse_choices(parser, args.searches, SEARCHES, "search")
     out = _common.results_dir(args)
 
     prob = Problem(args, _common.load_mnist5k(seed=args.seed))
@@ -424,9 +418,7 @@ def plot(results, ref_s, budget, path):
         title="Validation loss vs time (black box: best trial so far)",
     )
     axes[1].set(ylabel="test accuracy", title="Test accuracy (black box: of the best trial)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":
