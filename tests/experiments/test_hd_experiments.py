@@ -28,15 +28,6 @@ def test_hd_optimizers_smoke(tmp_path, capsys):
     assert len(saved["rows"]) == len(rows)
 
 
-def test_quickstart_section(tmp_path):
-    rows = hd_optimizers.quickstart_section(smoke=True, seed=0, out=tmp_path, show_progress=False)
-    assert (tmp_path / "hd_vs_adam.png").stat().st_size > 0
-    by = {r["method"]: r for r in rows}
-    assert by["Adam"]["final_lr"] == pytest.approx(1e-5)
-    assert by["Adam-HD"]["final_lr"] > 1e-5  # HD moved away from the bad learning rate
-    assert by["Adam-HD"]["val_loss"] < by["Adam"]["val_loss"]
-
-
 def test_bench_optax_smoke(tmp_path, capsys):
     rows = bench_optax.main(["--smoke", "--out", str(tmp_path)])
     assert (tmp_path / "bench_optax.png").stat().st_size > 0

@@ -24,6 +24,12 @@ def test_quickstart_smoke(tmp_path):
     assert (tmp_path / "hd_vs_adam.png").stat().st_size > 0
     assert (tmp_path / "stn_digits_schedule.png").stat().st_size > 0
     assert all(0.5 < r["test_acc"] <= 1.0 for r in results["stn"])
+    # The sections' own claims (they run once, here):
+    hd = {r["method"]: r for r in results["hd"]}
+    assert hd["Adam"]["final_lr"] == pytest.approx(1e-5)
+    assert hd["Adam-HD"]["final_lr"] > 1e-5  # HD moved away from the bad learning rate
+    assert hd["Adam-HD"]["val_loss"] < hd["Adam"]["val_loss"]
+    assert len(results["stn"]) == 1 and "drop_in=" in results["stn"][0]["final_hparams"]
     assert json.loads((tmp_path / "summary.json").read_text()).keys() == results.keys()
 
 

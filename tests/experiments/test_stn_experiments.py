@@ -59,15 +59,6 @@ def test_stn_digits_smoke(tmp_path):
     assert any("random search" in m for m in methods)
 
 
-def test_quickstart_stn_section(tmp_path):
-    rows = quickstart.stn_section(True, 0, tmp_path, False)
-    assert (tmp_path / "stn_digits_schedule.png").stat().st_size > 0
-    assert len(rows) == 1
-    row = rows[0]
-    assert 0.5 < row["test_acc"] <= 1.0 and np.isfinite(row["val_loss"])
-    assert "drop_in=" in row["final_hparams"]
-
-
 def test_stn_mnist_cnn_smoke(tmp_path):
     stn_mnist_cnn.main(["--smoke", "--out", str(tmp_path), "--no-progress"])
     data = json.loads((tmp_path / "stn_mnist_cnn.json").read_text())
