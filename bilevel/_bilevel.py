@@ -587,14 +587,17 @@ class BilevelOptimizer:
 
 
 def _typed_key(key):
+    """A typed PRNG key: ``jax.random.key(0)`` for ``None``; a legacy uint32 key is wrapped."""
     if key is None:
         return jax.random.key(0)
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         return key
-    if key.dtype == jnp.uint32 and key.shape[-1:] == (2,):
-        return jax.random.wrap_key_data(key)
-    raise TypeError(f"key must be a PRNG key (jax.random.key(...)), got {key!r}")
+    if key.dtype == jnp.uint32 and key.ndim >= 1 and key.shape[-1] == 2:
+        return jax.random.wrap_key_data(key)  # a legacy jax.random.PRNGKey
+    raise TypeError(
+        f"key must be a PRNG key (jax.random.key(seed)), got dtype {key.dtype} shape {key.shape}"
+    )
 
 
 # ----------------------------------------------------------------------------- one-shot

@@ -23,6 +23,7 @@ from jax.flatten_util import ravel_pytree
 
 import solvers
 from bilevel import hparams as hp
+from bilevel._bilevel import _masked_mean, _typed_key
 from bilevel._fit import fit as _fit
 from bilevel._utils import minibatches
 from bilevel.stn._layers import ResponseParam, mip_encoding, stn_layers
@@ -116,19 +117,6 @@ def _check_loss(value: Any, name: str, signature: str) -> jax.Array:
             f"real scalar (shape ()): reduce it, e.g. with jnp.mean"
         )
     return value
-
-
-def _as_key(key: Any) -> jax.Array:
-    if key is None:
-        return jax.random.key(0)
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key
-    if key.dtype == jnp.uint32 and key.ndim >= 1 and key.shape[-1] == 2:
-        return jax.random.wrap_key_data(key)  # a legacy jax.random.PRNGKey
-    raise TypeError(
-        f"key must be a PRNG key (jax.random.key(seed)), got dtype {key.dtype} shape {key.shape}"
-    )
 
 
 class Trainer:
@@ -347,7 +335,7 @@ class Trainer:
             step=zero,
             skipped=zero,
             inner_skipped=zero,
-            key=_as_key(key),
+            key=_typed_key(key),
         )
 
     def hparams(self, state: TrainerState) -> PyTree:
@@ -683,9 +671,3 @@ def _batch_size(batch, name) -> int:
     if not leaves or jnp.ndim(leaves[0]) == 0:
         raise ValueError(f"{name}: a batch needs at least one array with a leading example axis")
     return int(jnp.shape(leaves[0])[0])
-
-
-def _masked_mean(values, applied):
-    n = jnp.sum(applied)
-    total = jnp.sum(jnp.where(applied, values, 0.0))
-    return jnp.where(n > 0, total / jnp.maximum(n, 1), jnp.nan)
