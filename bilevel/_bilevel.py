@@ -99,7 +99,10 @@ def _describe_output(out) -> str:
         return f"an array of shape {tuple(out.shape)} and dtype {out.dtype}"
     if isinstance(out, float | int):
         return f"a Python {type(out).__name__}"
-    return f"a {type(out).__name__} {T.describe(out)}"
+    try:
+        return f"a {type(out).__name__} {T.describe(out)}"
+    except (TypeError, ValueError):
+        return f"a {type(out).__name__} {out!r}"
 
 
 def _loss(fn: Callable, name: str, has_aux: bool) -> Callable:
@@ -523,15 +526,14 @@ class BilevelOptimizer:
         loop = self._loop(inner_batches)
         carry = _Carry(state.params, state.inner_state, state.inner_skipped)
         expected = jax.eval_shape(lambda: self.method.init(loop, carry, state.hparams))
-        got = jax.eval_shape(lambda: state.method_state)
-        if jax.tree.structure(expected) != jax.tree.structure(got) or jax.tree.leaves(
-            jax.tree.map(lambda a, b: a.shape != b.shape, expected, got)
-        ) != [False] * len(jax.tree.leaves(expected)):
+        try:
+            T.check_same_structure(expected, state.method_state, "state.method_state")
+        except ValueError:
             raise ValueError(
                 f"state.method_state does not fit {self.method!r}: the state was made by a "
                 "BilevelOptimizer with another method (or other settings). Build the state "
                 "with this optimizer's init(...)"
-            )
+            ) from None
 
         def outer(p, u):
             return self._outer(p, _values(self.space, u), outer_batch)

@@ -169,7 +169,7 @@ class InnerLoop(abc.ABC):
 
     def last_input(self) -> PyTree:
         """The input of the last step (the batch that defines the implicit system online)."""
-        return self._input(max(self.num_steps - 1, 0)) if self.xs is not None else self.shared
+        return self._input(max(self.num_steps - 1, 0))
 
     def contains_while(self, carry: PyTree, theta: PyTree) -> bool:
         """Whether a step contains a ``lax.while_loop`` (not reverse-differentiable)."""

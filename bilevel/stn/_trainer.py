@@ -23,7 +23,7 @@ from jax.flatten_util import ravel_pytree
 
 import solvers
 from bilevel import hparams as hp
-from bilevel._bilevel import _masked_mean, _typed_key
+from bilevel._bilevel import _describe_output, _masked_mean, _typed_key
 from bilevel._fit import fit as _fit
 from bilevel._utils import minibatches
 from bilevel.stn._layers import ResponseParam, mip_encoding, stn_layers
@@ -85,18 +85,6 @@ class _Inner(NamedTuple):
     skipped: jax.Array
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, tuple | list | dict):
-        try:
-            leaves = T.describe(value)
-        except Exception:
-            leaves = repr(value)
-        return f"a {type(value).__name__} {leaves}"
-    if hasattr(value, "shape") and hasattr(value, "dtype"):
-        return f"an array of shape {tuple(jnp.shape(value))} dtype {jnp.result_type(value)}"
-    return f"{type(value).__name__} {value!r}"
-
-
 def _check_loss(value: Any, name: str, signature: str) -> jax.Array:
     """``value`` if it is a real scalar, else a ``TypeError`` naming the loss and what it gave."""
     is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -108,12 +96,12 @@ def _check_loss(value: Any, name: str, signature: str) -> jax.Array:
             else ""
         )
         raise TypeError(
-            f"{name} returned {_describe(value)}; the trainer expects {signature} to return a "
+            f"{name} returned {_describe_output(value)}; the trainer expects {signature} to return a "
             f"real scalar (shape ()){hint}"
         )
     if jnp.shape(value) != () or not jnp.issubdtype(jnp.result_type(value), jnp.floating):
         raise TypeError(
-            f"{name} returned {_describe(value)}; the trainer expects {signature} to return a "
+            f"{name} returned {_describe_output(value)}; the trainer expects {signature} to return a "
             f"real scalar (shape ()): reduce it, e.g. with jnp.mean"
         )
     return value
