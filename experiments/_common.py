@@ -29,8 +29,30 @@ RESULTS_ROOT = Path("results")
 # ----------------------------------------------------------------------------- CLI / output
 
 
+SUMMARIES = Path(__file__).parent / "summaries"
+
+
+def measured_runtime(name: str) -> str:
+    """The default run's measured wall time, from the tracked ``experiments/summaries/NAME.json``."""
+    path = SUMMARIES / f"{name}.json"
+    if not path.exists():
+        return "not measured yet"
+    summary = json.loads(path.read_text())
+    return f"{format_seconds(summary['seconds'])} on a {summary['machine']}"
+
+
+def format_seconds(seconds: float) -> str:
+    """``"45 s"``, ``"2.5 min"``."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
 def make_parser(name: str, description: str) -> argparse.ArgumentParser:
-    """Argument parser with the flags every experiment shares (``--smoke``, ``--seed``, ``--out``)."""
+    """Argument parser with the flags every experiment shares (``--smoke``, ``--seed``, ``--out``).
+
+    The description ends with the measured wall time of the default run (kept by
+    ``python -m experiments.report`` in ``experiments/summaries/``).
+    """
+    description = f"{description} Default run: {measured_runtime(name)}; --smoke: seconds."
     parser = argparse.ArgumentParser(
         prog=f"python -m experiments.{name}",
         description=description,
@@ -73,11 +95,75 @@ def progress(
     disable: bool = False,
     **kwargs,
 ):
-    """A tqdm progress bar (quiet when ``disable`` or when ``BILEVEL_NO_PROGRESS`` is set)."""
+    """A tqdm progress bar (quiet when ``disable`` or when ``BILEVEL_NO_PROGRESS`` is set).
+
+    One overall bar per script: build it after the first compilation (or announce compilation
+    with :func:`phase`), advance it in units of work, and it stays on screen at ``N/N``.
+    """
     from tqdm.auto import tqdm
 
     disable = disable or bool(os.environ.get("BILEVEL_NO_PROGRESS"))
-    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False, **kwargs)
+    kwargs.setdefault("leave", True)
+    return tqdm(iterable, total=total, desc=desc, disable=disable, **kwargs)
+
+
+def phase(message: str, *, quiet: bool = False) -> None:
+    """Print one line announcing a phase that shows no bar (data loading, compilation)."""
+    if not quiet and not os.environ.get("BILEVEL_NO_PROGRESS"):
+        print(f"... {message}", flush=True)
+
+
+def write_summary(
+    out: Path,
+    name: str,
+    rows: Sequence[dict[str, Any]],
+    *,
+    seconds: float,
+    smoke: bool,
+    command: str | None = None,
+) -> Path:
+    """Write ``out/summary.json``: the rows ``python -m experiments.report`` puts in the README.
+
+    Each row is ``{"what": ..., "result": ..., "target": ...}`` (strings; ``target`` may be
+    ``"-"``), the headline of the run in words and numbers exactly as the script printed them.
+    ``seconds`` is the wall time of the whole run.
+    """
+    for row in rows:
+        missing = {"what", "result"} - set(row)
+        if missing:
+            raise ValueError(f"summary row {row!r} lacks {sorted(missing)}")
+    return save_json(
+        Path(out) / "summary.json",
+        {
+            "experiment": name,
+            "command": command or f"python -m experiments.{name}",
+            "smoke": bool(smoke),
+            "seconds": float(seconds),
+            "machine": machine_description(),
+            "rows": [
+                {
+                    "what": str(r["what"]),
+                    "result": str(r["result"]),
+                    "target": str(r.get("target", "-")),
+                }
+                for r in rows
+            ],
+        },
+    )
+
+
+def machine_description() -> str:
+    """``"N-core CPU"`` or the accelerator's name: where the numbers were measured."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return f"{os.cpu_count()}-core CPU"
+    return f"{device.device_kind} ({device.platform})"
+
+
+def done(out: Path, seconds: float) -> None:
+    """Print where the results went and how long the run took (the last line of every script)."""
+    files = sorted(p.name for p in Path(out).iterdir() if p.is_file())
+    print(f"\nresults in {out}/ ({', '.join(files)}); wall time {seconds:.0f} s", flush=True)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -195,6 +281,45 @@ def rel_error(a, b) -> float:
     """``||a - b|| / ||b||`` in float64 (``||b||`` floored at 1e-300)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+# One colour per method across every panel and every script.
+PALETTE = {
+    "implicit": "#1f77b4",
+    "soba": "#17becf",
+    "truncated": "#2ca02c",
+    "unrolled": "#98df8a",
+    "forward": "#9467bd",
+    "stn": "#d62728",
+    "delta-stn": "#ff9896",
+    "tpe": "#ff7f0e",
+    "optuna": "#ff7f0e",
+    "random": "#8c564b",
+    "grid": "#7f7f7f",
+    "fixed": "#7f7f7f",
+    "baseline": "#7f7f7f",
+    "default": "#7f7f7f",
+    "oracle": "#000000",
+    "adam": "#1f77b4",
+    "hd-adam": "#d62728",
+    "sgd": "#2ca02c",
+    "hd-sgd": "#ff7f0e",
+    "sgdn": "#9467bd",
+    "hd-sgdn": "#e377c2",
+    "jaxopt": "#bcbd22",
+}
+_FALLBACK = ("#e377c2", "#bcbd22", "#17becf", "#8c564b", "#9467bd", "#aec7e8", "#ffbb78")
+
+
+def color(method: str) -> str:
+    """The colour of ``method`` (case, ``_`` and spaces ignored; unknown names hash stably)."""
+    key = method.lower().replace("_", "-").replace(" ", "-")
+    if key in PALETTE:
+        return PALETTE[key]
+    for name, value in PALETTE.items():
+        if key.startswith(name + "-") or key.startswith(name + "("):
+            return value
+    return _FALLBACK[sum(map(ord, key)) % len(_FALLBACK)]
 
 
 def save_figure(fig, path, dpi: int = 120) -> None:
