@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 import solvers
 from bilevel import hparams as hp
@@ -393,6 +394,45 @@ class BilevelOptimizer:
         """Model parameters of ``state``."""
         return state.params
 
+    def update_model(self, model: nnx.Module, state: BilevelState) -> nnx.Module:
+        """Write the trained parameters of ``state`` into ``model`` in place (and return it).
+
+        The one call back from the tuner to the user's Flax NNX model, for parameters that came
+        from ``bilevel.nnx_apply_fn(model)`` (an ``nnx.State``): ``nnx.update(model,
+        state.params)``.
+
+        Args:
+          model: the ``nnx.Module`` whose parameters were given to :meth:`init`.
+          state: a state of this tuner.
+
+        Returns:
+          ``model``, updated in place.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, optax, solvers, bilevel
+          >>> from flax import nnx
+          >>> model = nnx.Linear(3, 1, rngs=nnx.Rngs(0))
+          >>> apply_fn, params = bilevel.nnx_apply_fn(model)
+          >>> X = jax.random.normal(jax.random.key(0), (40, 3)); y = X @ jnp.ones((3, 1))
+          >>> loss = lambda p, h, b: jnp.mean((apply_fn(p, b[0]) - b[1]) ** 2)
+          >>> opt = bilevel.BilevelOptimizer(loss, loss, inner_optimizer=optax.sgd(0.1),
+          ...     outer_optimizer=optax.sgd(0.1), space={"wd": bilevel.hparams.log(0.1)},
+          ...     method=solvers.Truncated(steps=1), inner_steps=2)
+          >>> state, _ = opt.step(opt.init(params), (X[None], y[None]), (X, y))
+          >>> model = opt.update_model(model, state)
+          >>> bool(jnp.allclose(model(X), apply_fn(state.params, X)))
+          True
+        """
+        if not isinstance(model, nnx.Module):
+            raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
+        if not isinstance(state.params, nnx.State):
+            raise TypeError(
+                f"update_model needs parameters from bilevel.nnx_apply_fn(model) (an nnx.State); "
+                f"this state holds a {type(state.params).__name__}: put them back yourself"
+            )
+        nnx.update(model, state.params)
+        return model
+
     def step(
         self, state: BilevelState, inner_batches: PyTree, outer_batch: PyTree
     ) -> tuple[BilevelState, dict[str, Any]]:
@@ -466,7 +506,7 @@ class BilevelOptimizer:
         one progress bar, a metrics history, callbacks and periodic checkpoints with resume.
         Keyword arguments: ``steps``, ``batch_size``, ``outer_batch_size``, ``chunk``,
         ``callbacks``, ``checkpoint_dir``, ``checkpoint_every``, ``resume``, ``progress``,
-        ``desc``.
+        ``desc``, ``log_dir`` (per-step ``metrics.jsonl``), ``tensorboard``.
 
         Returns:
           ``(state, history)``; ``history`` maps ``"step"``, ``"inner_loss"``, ``"outer_loss"``,

@@ -54,6 +54,8 @@ def fit(
     resume: bool = True,
     progress: bool = True,
     desc: str | None = None,
+    log_dir: str | os.PathLike | None = None,
+    tensorboard: bool = False,
 ) -> tuple[PyTree, dict[str, np.ndarray]]:
     """Run ``warmup_steps`` warm-up steps then ``steps`` steps of ``tuner``, recording metrics.
 
@@ -85,6 +87,13 @@ def fit(
         ``checkpoint_dir`` that already holds checkpoints is an error (nothing is overwritten).
       progress: show a ``tqdm`` progress bar.
       desc: the bar's label (default: the tuner's class name).
+      log_dir: folder for ``metrics.jsonl``: one JSON object per tuning step (``"step"`` and
+        every metric, nested names joined with ``"/"``, arrays as lists), appended after each
+        chunk and flushed, so a running job can be followed (``tail -f``) or plotted. A resumed
+        run rewrites the file from the restored history first, so it never holds a step twice.
+      tensorboard: also write every scalar metric (and each element of small vector metrics,
+        e.g. per-layer ``hparams/wd/0``) as TensorBoard scalars into ``log_dir``. Needs the
+        optional ``tensorboardX`` package (``pip install tensorboardX``); never a hard dependency.
 
     Returns:
       ``(state, history)``: ``history`` maps ``"step"`` (``state.step`` after each step) and every
@@ -126,6 +135,12 @@ def fit(
         raise TypeError(f"checkpoint_dir must be a path or None, got {checkpoint_dir!r}")
     if checkpoint_every is not None and checkpoint_dir is None:
         raise ValueError("checkpoint_every needs a checkpoint_dir")
+    if log_dir is not None and not isinstance(log_dir, str | os.PathLike):
+        raise TypeError(f"log_dir must be a path or None, got {log_dir!r}")
+    if not isinstance(tensorboard, bool | np.bool_):
+        raise TypeError(f"tensorboard must be a bool, got {tensorboard!r}")
+    if tensorboard and log_dir is None:
+        raise ValueError("tensorboard=True needs a log_dir to write the event files into")
     needs = ["sample_batches", "step"] + (["warmup"] if warmup_steps else [])
     missing = [m for m in needs if not callable(getattr(tuner, m, None))]
     if missing:
@@ -156,6 +171,7 @@ def fit(
             saved = done
 
     run = _runner(tuner, batch_size, outer_batch_size, chunk)
+    logger = _Logger(Path(log_dir), tensorboard, _concat(records)) if log_dir is not None else None
     bar = _progress_bar(total, done, desc or type(tuner).__name__, not progress)
     try:
         while done < total:
@@ -169,6 +185,8 @@ def fit(
                 row = _flatten(metrics)
                 row["step"] = np.asarray(step_ids)
                 records.append(row)
+                if logger is not None:
+                    logger.write(row)
                 last = jax.tree.map(lambda a: a[-1], metrics)
                 stop = any(cb(int(step_ids[-1]), state, last) is True for cb in callbacks)
             bar.update(n)
@@ -182,6 +200,8 @@ def fit(
                 break
     finally:
         bar.close()
+        if logger is not None:
+            logger.close()
     if checkpoint_dir is not None and saved != done:
         _save(Path(checkpoint_dir), state, done, records)
     return state, _concat(records)
@@ -247,6 +267,82 @@ class _NoBar:
 
     def close(self):
         pass
+
+
+METRICS_FILE = "metrics.jsonl"
+_TB_MAX_ELEMENTS = 64  # vector metrics up to this size are written element by element
+
+
+class _Logger:
+    """Per-step metrics to ``log_dir/metrics.jsonl`` (and TensorBoard scalars, optionally)."""
+
+    def __init__(self, directory: Path, tensorboard: bool, resumed: dict[str, np.ndarray]):
+        self.writer = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                raise ImportError(
+                    "tensorboard=True needs the optional tensorboardX package: "
+                    "pip install tensorboardX (or pass tensorboard=False)"
+                ) from None
+            self.writer = SummaryWriter(str(directory))
+        directory.mkdir(parents=True, exist_ok=True)
+        # A resumed run rewrites the file from the restored history; a fresh one appends.
+        self.file = (directory / METRICS_FILE).open("w" if resumed else "a")
+        if resumed:
+            self.write(resumed, tensorboard=False)
+
+    def write(self, rows: dict[str, np.ndarray], tensorboard: bool = True) -> None:
+        import json
+
+        for i in range(len(rows["step"])):
+            record = {"step": int(rows["step"][i])}
+            for name, values in rows.items():
+                if name != "step":
+                    record[name] = _json_value(values[i])
+            self.file.write(json.dumps(record) + "\n")
+            if self.writer is not None and tensorboard:
+                self._scalars(record)
+        self.file.flush()
+
+    def _scalars(self, record: dict) -> None:
+        step = record["step"]
+        for name, value in record.items():
+            if name == "step":
+                continue
+            flat = np.ravel(np.asarray(value, dtype=float))
+            if flat.size == 1:
+                self.writer.add_scalar(name, float(flat[0]), step)
+            elif flat.size <= _TB_MAX_ELEMENTS:
+                for j, v in enumerate(flat):
+                    self.writer.add_scalar(f"{name}/{j}", float(v), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _json_value(value: np.ndarray):
+    """A JSON-safe value: non-finite floats as strings ("nan", "inf"), arrays as lists."""
+    value = np.asarray(value)
+    if value.dtype.kind == "f":
+        out = value.astype(float).tolist()
+    elif value.dtype.kind in "iub":
+        out = value.tolist()
+    else:  # e.g. PRNG key data or other exotic dtypes: not a metric to log
+        return None
+
+    def fix(v):
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        if isinstance(v, float) and not np.isfinite(v):
+            return str(v)
+        return v
+
+    return fix(out)
 
 
 def _flatten(metrics: PyTree) -> dict[str, np.ndarray]:

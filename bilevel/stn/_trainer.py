@@ -348,6 +348,18 @@ class Trainer:
         """The NNX model with the weights of ``state`` (a fresh copy)."""
         return nnx.merge(self._graphdef, state.params, state.model_state, copy=True)
 
+    def update_model(self, model: nnx.Module, state: TrainerState) -> nnx.Module:
+        """Write the weights and model state of ``state`` into ``model`` in place (returns it).
+
+        ``model`` is the network given to the trainer (or one of the same structure); after the
+        call it evaluates like :meth:`model` ``(state)``. Evaluate it at the tuned
+        hyperparameters with ``hnet = trainer.hnet(state)``.
+        """
+        if not isinstance(model, nnx.Module):
+            raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
+        nnx.update(model, state.params, state.model_state)
+        return model
+
     def warmup(self, state: TrainerState, inner_batches: PyTree) -> tuple[TrainerState, dict]:
         """Inner steps only (perturbed hyperparameters, no hyper step), e.g. before tuning starts.
 
@@ -489,7 +501,7 @@ class Trainer:
 
         Keyword arguments: ``steps``, ``batch_size``, ``outer_batch_size``, ``warmup_steps``,
         ``chunk``, ``callbacks``, ``checkpoint_dir``, ``checkpoint_every``, ``resume``,
-        ``progress``, ``desc``.
+        ``progress``, ``desc``, ``log_dir`` (per-step ``metrics.jsonl``), ``tensorboard``.
 
         Returns:
           ``(state, history)``; ``history`` has ``"step"``, ``"inner_loss"``, ``"outer_loss"``,
