@@ -127,8 +127,8 @@ def collect(results: Path, folder: Path = _common.SUMMARIES) -> list[str]:
         if not path.exists():
             continue
         summary = json.loads(path.read_text())
-        if summary.get("smoke"):
-            continue
+        if summary.get("smoke") or not {"experiment", "rows", "seconds", "machine"} <= set(summary):
+            continue  # a --smoke run, or a file from before summaries existed
         shutil.copyfile(path, Path(folder) / f"{name}.json")
         copied.append(name)
     return copied
