@@ -7,6 +7,7 @@ from solvers._linear import (
     Direct,
     LinearSolver,
     Neumann,
+    Nystrom,
     SolveStats,
     bicgstab,
     cg,
@@ -14,6 +15,7 @@ from solvers._linear import (
     estimate_inverse_max_eigenvalue,
     gmres,
     neumann,
+    nystrom,
 )
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "GMRES",
     "LinearSolver",
     "Neumann",
+    "Nystrom",
     "SolveStats",
     "bicgstab",
     "cg",
@@ -30,6 +33,7 @@ __all__ = [
     "estimate_inverse_max_eigenvalue",
     "gmres",
     "neumann",
+    "nystrom",
 ]
 
 from solvers import checks, tree
