@@ -3,17 +3,17 @@ r"""Hyperparameter spaces: constrained values stored as unconstrained parameters
 Gradient steps on hyperparameters happen in an unconstrained space ``u``; each spec maps ``u`` to
 its constrained value:
 
-======================  ==========================================================  ==============
-spec                    value                                                       for
-======================  ==========================================================  ==============
-``log(init)``           :math:`e^{u}`                                               weight decay
-``log(init, lo, hi)``   :math:`\exp(\log lo + (\log hi - \log lo)\,\sigma(u))`     bounded scale
-``log(init, lo)``       :math:`\exp(\log lo + \mathrm{softplus}(u))`
-``log(init, None, hi)`` :math:`\exp(\log hi - \mathrm{softplus}(-u))`
-``unit(init)``          :math:`lo + (hi - lo)\,\sigma(u)`, default ``(0, 1)``          dropout rate
-``bounded(init, lo, hi)`` :math:`lo + (hi - lo)\,\sigma(u)` (one-sided: softplus forms)  magnitudes
-``real(init)``          :math:`u`                                                   offsets
-======================  ==========================================================  ==============
+=========================  =======================================================  =============
+spec                       value                                                    for
+=========================  =======================================================  =============
+``log(init)``              :math:`e^{u}`                                            weight decay
+``log(init, lo, hi)``      :math:`\exp(\log lo + (\log hi - \log lo)\,\sigma(u))`   bounded scale
+``log(init, lo)``          :math:`\exp(\log lo + \mathrm{softplus}(u))`
+``log(init, None, hi)``    :math:`\exp(\log hi - \mathrm{softplus}(-u))`
+``unit(init)``             :math:`lo + (hi - lo)\,\sigma(u)`, default ``(0, 1)``    dropout rate
+``bounded(init, lo, hi)``  :math:`lo + (hi - lo)\,\sigma(u)` (one-sided: softplus)  magnitudes
+``real(init)``             :math:`u`                                                offsets
+=========================  =======================================================  =============
 
 A *space* is any pytree (usually a dict) whose leaves are these specs. ``init`` may be an array
 (one hyperparameter per feature, layer or example): ``log(jnp.full(n, 1e-3))``.

@@ -229,8 +229,8 @@ class CG(_ShortRecurrence):
     ``A v``) stops it with a NaN residual.
 
     Args:
-      maxiter: maximum number of iterations; ``None`` means :func:`default_maxiter`
-        (``min(10 n, 1000)`` for ``n`` unknowns: ``n`` is exact only in exact arithmetic).
+      maxiter: maximum number of iterations; ``None`` means ``min(10 n, 1000)`` for ``n``
+        unknowns (``n`` is exact only in exact arithmetic).
       tol: relative residual tolerance.
       ridge: Tikhonov damping; solves ``(A + ridge I) x = b``.
 
@@ -516,7 +516,8 @@ class BiCGStab(_ShortRecurrence):
     ``converged=False``. A NaN in ``A v`` stops it with a NaN residual.
 
     Args:
-      maxiter: maximum number of iterations; ``None`` means :func:`default_maxiter`.
+      maxiter: maximum number of iterations; ``None`` means ``min(10 n, 1000)`` for ``n``
+        unknowns.
       tol: relative residual tolerance.
       ridge: Tikhonov damping.
 
@@ -736,8 +737,14 @@ def _key_data(key: Any) -> tuple[int, ...]:
 
 # Lower-case names are the public, documented spelling: ``solvers.cg(maxiter=30)``.
 cg = CG
+"""Conjugate gradients: ``solvers.cg(maxiter=30, ridge=1.0)``; the class :class:`CG`."""
 neumann = Neumann
+"""Truncated Neumann series: ``solvers.neumann(steps=1, scale=rho)``; the class :class:`Neumann`."""
 gmres = GMRES
+"""Restarted GMRES for non-symmetric systems: ``solvers.gmres()``; the class :class:`GMRES`."""
 bicgstab = BiCGStab
+"""BiCGStab for non-symmetric systems: ``solvers.bicgstab()``; the class :class:`BiCGStab`."""
 direct = Direct
+"""Dense LU solve (small problems, test oracle): ``solvers.direct()``; the class :class:`Direct`."""
 nystrom = Nystrom
+"""Nystrom low-rank solve: ``solvers.nystrom(rank=20, rho=0.1)``; the class :class:`Nystrom`."""

@@ -101,7 +101,7 @@ class StnHparams:
         return StnHparams(self._values, self.hnet, linearize, self._reads)
 
     def apply(self, fn: Callable, *args, **kwargs):
-        r"""``fn(*args, hnet, **kwargs)``; linearized in ``hnet`` when :attr:`linearize` is set.
+        r"""``fn(*args, hnet, **kwargs)``; linearized in ``hnet`` when ``linearize`` is set.
 
         .. math:: f(x, \mathrm{hnet}) \approx f(x, 0) + \partial_{\mathrm{hnet}} f(x, 0)\,
            \mathrm{hnet}
