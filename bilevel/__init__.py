@@ -18,6 +18,7 @@ from bilevel._checkpoint import latest_step, restore_checkpoint, save_checkpoint
 from bilevel._fit import fit
 from bilevel._hd import HypergradientLRState, hd_adam, hd_sgd, hypergradient_lr
 from bilevel._hyper_adapt import HyperAdaptState, hyper_adapt
+from bilevel._outer import NormalizedMomentumState, normalized_momentum
 from bilevel._utils import minibatches, nnx_apply_fn
 
 __version__ = "0.1.0"
@@ -33,6 +34,8 @@ __all__ = [
     "implicit_hypergradient",
     "latest_step",
     "minibatches",
+    "normalized_momentum",
+    "NormalizedMomentumState",
     "nnx_apply_fn",
     "restore_checkpoint",
     "save_checkpoint",

@@ -1,0 +1,84 @@
+"""``bilevel.normalized_momentum``: the rule, its scale-freeness, and its use as outer optimizer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import bilevel
+
+
+def test_matches_a_numpy_transcription_with_a_schedule():
+    rng = np.random.RandomState(0)
+    grads = [{"a": rng.randn(3), "b": rng.randn(2, 2)} for _ in range(6)]
+    schedule = optax.linear_schedule(0.1, 0.01, 6)
+    tx = bilevel.normalized_momentum(schedule, beta=0.8)
+    state = tx.init(jax.tree.map(jnp.zeros_like, grads[0]))
+    m = {"a": np.zeros(3), "b": np.zeros((2, 2))}
+    for t, g in enumerate(grads):
+        m = {k: 0.8 * m[k] + 0.2 * g[k] for k in m}
+        norm = np.sqrt(sum(np.sum(v**2) for v in m.values()))
+        want = {k: -float(schedule(t)) * m[k] / norm for k in m}
+        got, state = tx.update(jax.tree.map(jnp.asarray, g), state)
+        for k in m:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7)
+
+
+def test_step_length_is_scale_free_and_keeps_relative_sizes():
+    """The update has length lr whatever the gradient scale; coordinates keep their ratio
+    (Adam moves both by about lr: the lockstep of per-layer hyperparameters)."""
+    g = jnp.array([1.0, 0.1])
+    for scale in (1e-6, 1.0, 1e6):
+        tx = bilevel.normalized_momentum(0.05, beta=0.9)
+        u, _ = tx.update(scale * g, tx.init(g))
+        np.testing.assert_allclose(jnp.linalg.norm(u), 0.05, rtol=1e-5)
+        np.testing.assert_allclose(u[0] / u[1], 10.0, rtol=1e-4)
+    adam = optax.adam(0.05)
+    u, _ = adam.update(g, adam.init(g))
+    np.testing.assert_allclose(u[0] / u[1], 1.0, rtol=1e-3)
+
+
+def test_zero_momentum_is_a_zero_update_and_bad_input_is_an_error():
+    tx = bilevel.normalized_momentum(0.1)
+    u, _ = tx.update(jnp.zeros(3), tx.init(jnp.zeros(3)))
+    assert bool(jnp.all(u == 0)) and bool(jnp.all(jnp.isfinite(u)))
+    with pytest.raises(ValueError, match="beta"):
+        bilevel.normalized_momentum(0.1, beta=1.0)
+    with pytest.raises(ValueError, match="learning_rate"):
+        bilevel.normalized_momentum(0.0)
+    bilevel.normalized_momentum(np.float32(0.1), beta=np.float64(0.5))  # NumPy scalars are numbers
+
+
+def test_as_the_outer_optimizer_per_layer_decays_separate():
+    """Two decays with hypergradients of very different sizes: normalized momentum moves them
+    by different amounts, Adam by about the same."""
+    rng = np.random.RandomState(1)
+    X = jnp.asarray(rng.randn(64, 6), jnp.float32)
+    y = X @ jnp.asarray([3.0, 3.0, 3.0, 0.0, 0.0, 0.0]) + 0.5 * jnp.asarray(rng.randn(64))
+    Xv = jnp.asarray(rng.randn(64, 6), jnp.float32)
+    yv = Xv @ jnp.asarray([3.0, 3.0, 3.0, 0.0, 0.0, 0.0])
+
+    def inner(w, h, b):
+        fit = jnp.mean((b[0] @ w - b[1]) ** 2)
+        return fit + h["wd"][0] * jnp.sum(w[:3] ** 2) + h["wd"][1] * jnp.sum(w[3:] ** 2)
+
+    def outer(w, h, b):
+        return jnp.mean((b[0] @ w - b[1]) ** 2)
+
+    moves = {}
+    for name, tx in (("nm", bilevel.normalized_momentum(0.05)), ("adam", optax.adam(0.05))):
+        opt = bilevel.BilevelOptimizer(
+            inner, outer, inner_optimizer=optax.sgd(0.05), outer_optimizer=tx,
+            space={"wd": bilevel.hparams.log(jnp.full(2, 0.1))},
+            method=bilevel.Forward(), inner_steps=5,
+        )  # fmt: skip
+        state = opt.init(jnp.zeros(6))
+        step = jax.jit(opt.step)
+        for _ in range(20):
+            state, _ = step(state, (X[None], y[None]), (Xv, yv))
+        moves[name] = np.abs(np.log(np.asarray(opt.hparams(state)["wd"])) - np.log(0.1))
+    ratio = lambda m: max(m) / max(min(m), 1e-12)
+    assert ratio(moves["nm"]) > 3.0 * ratio(moves["adam"]), moves
