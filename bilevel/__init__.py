@@ -14,6 +14,7 @@ from bilevel._bilevel import (
     hypergradient,
     implicit_hypergradient,
 )
+from bilevel._borep import BOREP, BOREPMemory
 from bilevel._checkpoint import latest_step, restore_checkpoint, save_checkpoint
 from bilevel._fit import fit
 from bilevel._hd import HypergradientLRState, hd_adam, hd_sgd, hypergradient_lr
@@ -24,6 +25,8 @@ from bilevel._utils import minibatches, nnx_apply_fn
 __version__ = "0.1.0"
 
 __all__ = [
+    "BOREP",
+    "BOREPMemory",
     "BilevelOptimizer",
     "BilevelState",
     "Forward",

@@ -336,6 +336,7 @@ class BilevelOptimizer:
         self._inner = _loss(inner_loss, "inner_loss", self.has_aux)
         self._outer = _loss(outer_loss, "outer_loss", self.has_aux)
         self._step = jax.jit(self._step_impl)
+        self._warmup = jax.jit(self._warmup_impl)
 
     # ------------------------------------------------------------------ public API
 
@@ -465,6 +466,44 @@ class BilevelOptimizer:
             raise ValueError("outer_batch is None: pass the validation batch for outer_loss")
         return self._step(state, inner_batches, outer_batch)
 
+    def warmup(self, state: BilevelState, inner_batches: PyTree) -> tuple[BilevelState, dict]:
+        """Inner steps only, no hypergradient step (jitted): training before tuning starts.
+
+        ``fit(..., warmup_steps=k)`` calls it ``k`` times before the first outer step (BO-REP's
+        "initialization refinement"; a network far from its solution gives poor implicit
+        hypergradients). The hyperparameters, the outer optimizer state and the method's memory
+        are unchanged; ``state.step`` advances so the batches keep changing.
+
+        Args:
+          state: current state.
+          inner_batches: as for :meth:`step`.
+
+        Returns:
+          ``(state, metrics)`` with ``inner_loss``, ``inner_applied``, ``skipped`` and
+          ``inner_skipped``.
+        """
+        self._check_batches(inner_batches)
+        return self._warmup(state, inner_batches)
+
+    def _warmup_impl(self, state, inner_batches):
+        loop = self._loop(inner_batches)
+        carry = _Carry(state.params, state.inner_state, state.inner_skipped)
+        carry, (values, applied) = loop.run(
+            carry, state.hparams, 0, loop.num_steps, differentiable=False
+        )
+        state = state._replace(
+            params=carry.params,
+            inner_state=carry.inner_state,
+            inner_skipped=carry.inner_skipped,
+            step=state.step + 1,
+        )
+        return state, {
+            "inner_loss": _masked_mean(values, applied),
+            "inner_applied": jnp.sum(applied).astype(jnp.int32),
+            "skipped": state.skipped,
+            "inner_skipped": state.inner_skipped,
+        }
+
     def sample_batches(
         self,
         state: BilevelState,
@@ -504,7 +543,8 @@ class BilevelOptimizer:
 
         Runs ``steps`` outer steps in jitted chunks on batches from :meth:`sample_batches`, with
         one progress bar, a metrics history, callbacks and periodic checkpoints with resume.
-        Keyword arguments: ``steps``, ``batch_size``, ``outer_batch_size``, ``chunk``,
+        Keyword arguments: ``steps``, ``batch_size``, ``outer_batch_size``, ``warmup_steps``
+        (:meth:`warmup` steps first), ``chunk``,
         ``callbacks``, ``checkpoint_dir``, ``checkpoint_every``, ``resume``, ``progress``,
         ``desc``, ``log_dir`` (per-step ``metrics.jsonl``), ``tensorboard``.
 

@@ -407,29 +407,48 @@ class Implicit(AbstractMethod):
     def hypergradient(self, loop, carry, theta, outer, memory=None):
         frozen = lax.stop_gradient(theta)
         carry, outs = loop.run(carry, frozen, 0, loop.num_steps, differentiable=False)
-        params = loop.params(carry)
-        (value, aux), (g_w, g_theta) = jax.value_and_grad(outer, argnums=(0, 1), has_aux=True)(
-            params, theta
-        )
         init = memory if (self.warm_start and _has_memory(memory)) else None
-        (mixed,), v, stats = root_vjp(
-            loop.optimality, params, (theta,), g_w, self.linear_solver, init=init
-        )
-        g = jax.tree.map(jnp.add, g_theta, mixed)
-        status = jnp.where(stats.converged, Status.SUCCESS, Status.LINEAR_SOLVE_FAILED)
-        new_memory = v if self.warm_start else ()
-        return _finish(
-            carry,
-            outs,
-            value,
-            aux,
-            g,
-            new_memory,
-            stats.iterations,
-            stats.residual,
-            status,
-            checks=(g_w, v, stats.residual),
-        )
+        hg = implicit_at(loop, carry, outs, theta, outer, self.linear_solver, init)
+        return hg if self.warm_start else hg._replace(memory=())
+
+
+def implicit_at(
+    loop: InnerLoop,
+    carry: PyTree,
+    outs: PyTree,
+    theta: PyTree,
+    outer: Callable,
+    linear_solver: LinearSolver,
+    init: PyTree | None,
+) -> Hypergradient:
+    r"""The implicit hypergradient at the parameters of ``carry`` (the loop already ran).
+
+    .. math:: H v = \nabla_w L_V \ (\text{from } v_0 = \text{init}), \qquad
+       g = \nabla_\theta L_V - (\partial_\theta F)^\top v
+
+    Returns a :class:`Hypergradient` whose ``memory`` is the adjoint ``v``; the status says
+    whether the solve reached its tolerance. Shared by :class:`Implicit` and the methods built on
+    it (e.g. ``bilevel.BOREP``).
+    """
+    params = loop.params(carry)
+    (value, aux), (g_w, g_theta) = jax.value_and_grad(outer, argnums=(0, 1), has_aux=True)(
+        params, theta
+    )
+    (mixed,), v, stats = root_vjp(loop.optimality, params, (theta,), g_w, linear_solver, init=init)
+    g = jax.tree.map(jnp.add, g_theta, mixed)
+    status = jnp.where(stats.converged, Status.SUCCESS, Status.LINEAR_SOLVE_FAILED)
+    return _finish(
+        carry,
+        outs,
+        value,
+        aux,
+        g,
+        v,
+        stats.iterations,
+        stats.residual,
+        status,
+        checks=(g_w, v, stats.residual),
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

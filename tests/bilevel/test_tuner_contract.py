@@ -120,6 +120,7 @@ CASES = {
     "truncated": lambda: _bilevel_case(solvers.Truncated(steps=2)),
     "unrolled-checkpointed": lambda: _bilevel_case(solvers.Unrolled(checkpoint_every=2)),
     "forward": lambda: _bilevel_case(bilevel.Forward(decay=0.9)),
+    "borep": lambda: _bilevel_case(bilevel.BOREP(adjoint_lr=0.05, period=2)),
     "stn": lambda: _stn_case(stn.STN()),
     "delta-stn": lambda: _stn_case(stn.DeltaSTN(linearize=True)),
 }
