@@ -154,7 +154,7 @@ class _StnBase(nnx.Module):
           A scalar (shared ``hnet``) or one value per example, shape ``(batch,)``.
         """
         u, v = self._gates(hnet, self.dtype)
-        k_e, k_r = self.kernel[...], self.response_kernel[...]
+        k_e, k_r = self.kernel[...], self._response_kernel()
         axes = tuple(range(k_e.ndim - 1))  # every axis but the output channels
         see = jnp.sum(k_e * k_e, axis=axes)
         ser = jnp.sum(k_e * k_r, axis=axes)
@@ -177,14 +177,29 @@ class _StnBase(nnx.Module):
         u, _ = self._gates(hnet, self.dtype)
         return (
             self.kernel[...]
-            + u[..., *([None] * (self.kernel[...].ndim - 1)), :] * (self.response_kernel[...])
+            + u[..., *([None] * (self.kernel[...].ndim - 1)), :] * self._response_kernel()
         )
 
+    def _response_kernel(self) -> jax.Array:
+        """``W_r`` (materialized from its factors for a low-rank response)."""
+        return self.response_kernel[...]
+
     def _init_response(
-        self, kernel_shape, kernel_init, bias_init, hnet_init, param_dtype, rngs
+        self, kernel_shape, kernel_init, bias_init, hnet_init, param_dtype, rngs, rank=None
     ) -> None:
         self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
-        self.response_kernel = ResponseParam(kernel_init(rngs.params(), kernel_shape, param_dtype))
+        if rank is None:
+            self.response_kernel = ResponseParam(
+                kernel_init(rngs.params(), kernel_shape, param_dtype)
+            )
+        else:  # W_r = P Q with P (in, r), Q (r, out): Var(W_r) = r Var(P) Var(Q) = 1 / in
+            n_in, n_out = kernel_shape
+            self.response_left = ResponseParam(
+                kernel_init(rngs.params(), (n_in, rank), param_dtype)
+            )
+            self.response_right = ResponseParam(
+                kernel_init(rngs.params(), (rank, n_out), param_dtype)
+            )
         gates = 2 * self.out_features if self.use_bias else self.out_features
         self.hnet_kernel = ResponseParam(
             hnet_init(rngs.params(), (self.num_hparams, gates), param_dtype)
@@ -238,6 +253,13 @@ class StnLinear(_StnBase):
       kernel_init: initializer of ``W_e`` and ``W_r`` (drawn independently).
       bias_init: initializer of ``b_e`` and ``b_r``.
       hnet_init: initializer of ``V``.
+      response_rank: ``None`` (default): a full response kernel ``W_r``. An int ``r``: the
+        low-rank response ``W_r = P Q`` (``response_left`` ``P`` of shape ``(in, r)``,
+        ``response_right`` ``Q`` of shape ``(r, out)``), which turns the per-example response
+        product ``x W_r`` (a second full matmul) into ``(x P) Q``: ``r (in + out)`` instead of
+        ``in * out`` multiply-adds per example. Each output unit's response direction is then
+        a combination of ``r`` shared directions: a coarser best-response approximation than
+        the structured one of the paper, measured in ``experiments.bench_stn``.
       rngs: random streams (``rngs.params``).
 
     Returns:
@@ -270,17 +292,34 @@ class StnLinear(_StnBase):
         kernel_init: Any = default_kernel_init,
         bias_init: Any = default_zeros_init,
         hnet_init: Any = default_zeros_init,
+        response_rank: int | None = None,
         rngs: nnx.Rngs,
     ):
         self.in_features = _check_int("in_features", in_features)
         self.out_features = _check_int("out_features", out_features)
         self.num_hparams = _check_int("num_hparams", num_hparams)
+        if response_rank is not None:
+            response_rank = _check_int("response_rank", response_rank)
+        self.response_rank = response_rank
         self.use_bias = bool(use_bias)
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.precision = precision
         self._init_response(
-            (in_features, out_features), kernel_init, bias_init, hnet_init, param_dtype, rngs
+            (in_features, out_features),
+            kernel_init,
+            bias_init,
+            hnet_init,
+            param_dtype,
+            rngs,
+            rank=response_rank,
+        )
+
+    def _response_kernel(self) -> jax.Array:
+        if self.response_rank is None:
+            return self.response_kernel[...]
+        return jnp.matmul(
+            self.response_left[...], self.response_right[...], precision=self.precision
         )
 
     def __call__(self, x: jax.typing.ArrayLike, hnet: jax.typing.ArrayLike) -> jax.Array:
@@ -290,17 +329,30 @@ class StnLinear(_StnBase):
                 f"StnLinear: input must have shape (..., {self.in_features}), got {x.shape}"
             )
         u, v = self._gates(hnet, self.dtype)
-        x, k_e, k_r = _promote_dtype(
-            (x, self.kernel[...], self.response_kernel[...]), dtype=self.dtype
-        )
         if u.ndim == 1:
             # Shared hyperparameters: one effective kernel, one matmul.
+            x, k_e, k_r = _promote_dtype(
+                (x, self.kernel[...], self._response_kernel()), dtype=self.dtype
+            )
             y = jnp.matmul(x, k_e + u * k_r, precision=self.precision)
             if self.use_bias:
                 y = y + self.bias[...] + v * self.response_bias[...]
             return y
         if x.ndim < 2:
             raise ValueError("StnLinear: a per-example hnet needs a batched input (batch, ...)")
+        if self.response_rank is not None:
+            # Low rank: x [W_e, P] in one matmul, then the small (r, out) product.
+            x, k_e, p, q = _promote_dtype(
+                (x, self.kernel[...], self.response_left[...], self.response_right[...]),
+                dtype=self.dtype,
+            )
+            yy = jnp.matmul(x, jnp.concatenate([k_e, p], axis=1), precision=self.precision)
+            y_e = yy[..., : self.out_features]
+            y_r = jnp.matmul(yy[..., self.out_features :], q, precision=self.precision)
+            return self._combine(y_e, y_r, u, v, 1)
+        x, k_e, k_r = _promote_dtype(
+            (x, self.kernel[...], self.response_kernel[...]), dtype=self.dtype
+        )
         # Per example: both products in one matmul against [W_e, W_r].
         yy = jnp.matmul(x, jnp.concatenate([k_e, k_r], axis=1), precision=self.precision)
         y_e, y_r = yy[..., : self.out_features], yy[..., self.out_features :]
