@@ -307,6 +307,9 @@ PALETTE = {
     "sgdn": "#9467bd",
     "hd-sgdn": "#e377c2",
     "jaxopt": "#bcbd22",
+    "nystrom": "#aec7e8",
+    "borep": "#e377c2",
+    "maid": "#393b79",
 }
 _FALLBACK = ("#e377c2", "#bcbd22", "#17becf", "#8c564b", "#9467bd", "#aec7e8", "#ffbb78")
 
