@@ -85,6 +85,7 @@ def quadratic_problem(seed: int) -> dict:
         "inner_batch": jnp.zeros((1, 1)),
         "outer_batch": jnp.zeros(1),
         "value": lambda state, opt: value(opt.hparams(state)["x"]),
+        "gap": value,
         "value_name": "F(x) - F*",
         "hvp_scale": 1.0 / 10,
         "nystrom_rho": 1.0,  # the Hessian's spectrum is [1, 10]: the dropped modes are >= 1
