@@ -36,6 +36,7 @@ EXPERIMENTS = (
     "stn_mnist_cnn",
     "bench_stn",
     "bench_bilevel",
+    "bench_bilevel_methods",
 )
 README = Path(__file__).resolve().parent.parent / "README.md"
 MARKERS = {
