@@ -169,13 +169,17 @@ def _unit(x: PyTree) -> PyTree:
     return T.tree_scale(jnp.where(n > 0, 1 / jnp.where(n > 0, n, 1), 0), x)
 
 
-def _power(fn: Callable, v: PyTree) -> tuple[jax.Array, PyTree]:
-    """One power iteration of ``M^T M`` for a linear ``fn = M``: ``(||M v||, M^T M v / ||.||)``.
+def _power(fn: Callable, v: PyTree, symmetric: bool = False) -> tuple[jax.Array, PyTree]:
+    """One power iteration for the norm of a linear ``fn = M``: ``(||M v||, next v)``.
 
-    ``v`` is a unit vector; ``||M v|| <= ||M||`` and tends to it over warm-started calls.
+    ``v`` is a unit vector; ``||M v|| <= ||M||`` and tends to it over warm-started calls. The
+    next vector is ``M v`` (``symmetric``: ``M = M^T``) or ``M^T M v``, normalized.
     """
-    y, vjp = jax.vjp(fn, v)
-    (z,) = vjp(y)
+    y = fn(v)
+    if symmetric:
+        z = y
+    else:
+        (z,) = jax.linear_transpose(fn, v)(y)
     zn = T.tree_norm(z)
     keep = (zn > 0) & jnp.isfinite(zn)
     v_new = T.tree_select(keep, T.tree_scale(1 / jnp.where(keep, zn, 1), z), v)
@@ -259,36 +263,54 @@ class MAID:
        :math:`p - \nabla F` into the adjoint residual, the change of :math:`B` and of
        :math:`A^{-1}\nabla_w f` between :math:`\tilde w` and :math:`w^*`, and the direct
        term). While :math:`\omega > (1 - \eta)\|p\|`, shrink ``eps`` and ``delta`` by ``tau``
-       and solve again (warm-started). Then :math:`\nabla F^\top p \ge \eta \|p\|^2`: ``p`` is a
-       descent direction.
+       (down to ``min_accuracy``) and solve again (warm-started). Then
+       :math:`\nabla F^\top p \ge \eta \|p\|^2`: ``p`` is a descent direction.
     3. **Inexact backtracking.** Try :math:`u^+ = u - \alpha p` for
-       :math:`\alpha = \beta\rho^i`, solving the lower level at :math:`u^+` to ``eps``; accept
-       when an upper bound of :math:`F(u^+)` and a lower bound of :math:`F(u)` show
-       sufficient decrease,
+       :math:`\alpha = \beta\rho^i`, solving the lower level at :math:`u^+` to ``eps`` from
+       :math:`\tilde w`. With the margins :math:`m = \|\nabla_w f(\tilde w)\|\bar\epsilon +
+       \tfrac{L_{fw}}{2}\bar\epsilon^2 \ge |F(u) - f(\tilde w, u)|` (and :math:`m^+` at
+       :math:`u^+`) and the change :math:`\Delta = f(\tilde w^+, u^+) - f(\tilde w, u)`, a trial
+       is *certified* (accepted) when the upper bound of :math:`F(u^+)` minus the lower bound of
+       :math:`F(u)` shows sufficient decrease,
 
-       .. math:: f(\tilde w^+) + \|\nabla_w f(\tilde w^+)\|\bar\epsilon^+
-          + \tfrac{L_{fw}}{2}\bar\epsilon^{+2}
-          - \Big(f(\tilde w) - \|\nabla_w f(\tilde w)\|\bar\epsilon
-          - \tfrac{L_{fw}}{2}\bar\epsilon^2\Big) \le -\eta^2 \alpha \|p\|^2 .
+       .. math:: \Delta + m^+ + m \le -\eta^2 \alpha \|p\|^2 ,
 
-       On success ``eps`` and ``delta`` grow by ``nu`` and the next first step is
-       :math:`\tfrac{10}{9}\alpha`. After ``backtracks`` (plus one per loop) rejected trials,
-       ``eps`` and ``delta`` shrink by ``tau`` and steps 1-3 repeat, at most ``loops`` times;
-       if all fail, ``u`` is kept and the next step's line search starts below the smallest
-       step tried (the reference implementation restarts from the same step, which can never
-       succeed when that step is far too large).
+       *ruled out* when even :math:`\Delta - m^+ - m` exceeds :math:`-\eta^2\alpha\|p\|^2`
+       (the step is too long, or the trial not finite: backtrack), and *uncertain* otherwise
+       (the accuracy is too low to decide: ``eps`` and ``delta`` shrink by ``tau`` and steps
+       1-3 repeat from the same step). At most ``loops`` loops of at most ``backtracks`` trials
+       (one more per loop). On success ``eps`` and ``delta`` grow by ``nu`` and the next first
+       step is :math:`\tfrac{10}{9}\alpha`; after a failed step (``u`` kept) it is the best
+       uncertain trial, or the step below the last one when every trial was ruled out.
+
+       The sufficient-decrease constant is :math:`\eta^2 < \eta`, as in the reference
+       implementation: with :math:`\nabla F^\top p \ge \eta\|p\|^2` a constant :math:`\eta`
+       could fail for every step. Two departures from the reference implementation, which
+       always finishes a loop's trials and restarts every loop from :math:`\beta`: an uncertain
+       trial ends its loop at once (smaller steps only shrink the decrease against the same
+       margins), and a ruled-out loop continues below its last trial (so a first step far too
+       long cannot stall the method). Where the accuracies cannot shrink (``adaptive=False``,
+       or both at ``min_accuracy``), uncertain trials keep backtracking until one does worse
+       than an earlier one, and a failed loop ends the step (another would repeat it).
 
     **Constants of the bound** (:class:`MAIDEstimates`, carried in the state):
     ``mu`` is the strong convexity of ``g`` in ``w``: pass it (a number, or a function of the
-    hyperparameter values, e.g. ``lambda h: 2 * h["wd"]`` for an ``h ||w||^2`` penalty) for a
-    guaranteed bound; by default it is the smallest Rayleigh quotient met by the conjugate
-    gradient iterations so far, which over-estimates the smallest eigenvalue (optimistic). The
+    hyperparameter values, e.g. ``lambda h: 2 * h["wd"]`` for an ``h ||w||^2`` penalty) when
+    it is known; by default it is the smallest Rayleigh quotient met by the conjugate
+    gradient iterations so far, which over-estimates the smallest eigenvalue (optimistic; a
+    lower level that is not strongly convex, met as non-positive curvature, makes ``mu <= 0``,
+    the bound infinite and no step certifiable: MAID needs a strongly convex lower level). The
     Lipschitz constants :math:`L_{fw}, L_{fu}, L_B, L_A` (of :math:`\nabla_w f`,
     :math:`\nabla_u f`, :math:`B`, :math:`A` in ``w``) are running maxima of one warm-started
     power iteration on the corresponding second or third derivative at each evaluated point
     (the reference implementation also keeps running maxima of such probes), and ``||B||`` is
     one warm-started power iteration at the current point. Power iterations approach the norms
     from below, so the bound is an estimate, not a certificate, until they have converged.
+
+    ``eps`` is a tolerance on the lower-level gradient norm (as in HOAG) where the paper bounds
+    the distance :math:`\|\tilde w - w^*\| \le \epsilon` through the stopping rule
+    :math:`\|\nabla_w g\| \le \mu\epsilon`; the two agree through :math:`\bar\epsilon`,
+    which uses the residual actually reached (often below ``eps`` after a warm start).
 
     With ``adaptive=False`` the accuracies stay at ``eps`` and ``delta`` (the fixed-accuracy
     method, e.g. ``eps = delta = 1e-6`` as in HOAG-style methods) and only the line search
@@ -637,10 +659,10 @@ class MAID:
             def along(fn):  # d -> (d/dt) fn(w + t d): the derivative whose norm is sought
                 return lambda d: jax.jvp(fn, (w,), (d,))[1]
 
-            l_fw, v_fw = _power(along(fw_of), est.v_outer_grad)
+            l_fw, v_fw = _power(along(fw_of), est.v_outer_grad, symmetric=True)
             l_fu, v_fu = _power(along(fu_of), est.v_outer_hparam_grad)
             l_b, v_b = _power(along(btq_of), est.v_mixed)
-            l_a, v_a = _power(along(aq_of), est.v_hessian)
+            l_a, v_a = _power(along(aq_of), est.v_hessian, symmetric=True)
             mixed = lambda v: jax.jvp(lambda u: gw(w, u), (u0,), (v,))[1]
             n_b, v_nb = _power(mixed, est.v_mixed_norm)
             fin = lambda x: jnp.where(jnp.isfinite(x), x, 0).astype(dt)
