@@ -123,6 +123,7 @@ class _Eval(NamedTuple):
     outer_grad_norm: jax.Array
     inner_residual: jax.Array  # ||grad_w g(w)||
     linear_residual: jax.Array  # ||A q - grad_w f|| (absolute)
+    linear_tolerance: jax.Array  # the delta it was solved to
     bound: jax.Array
     mu: jax.Array
     inner_status: jax.Array
@@ -714,6 +715,7 @@ class MAID:
                 outer_grad_norm=fw_norm,
                 inner_residual=r_w,
                 linear_residual=r_q,
+                linear_tolerance=jnp.asarray(delta, dt),
                 bound=error_bound(mu, r_w, r_q, T.tree_norm(q), fw_norm, est),
                 mu=mu,
                 inner_status=inner_status,
@@ -787,13 +789,14 @@ class MAID:
             last = refine | peaked | (c.trial + 1 >= self.backtracks + c.loop)
             new_loop = ~accepted & last & (c.loop + 1 < self.loops) & can_refine
             done = accepted | (last & ~new_loop)
+            shrink = ~accepted & last & can_refine  # a failed loop (the last one too) refines
             phase = jnp.where(done, _DONE, jnp.where(new_loop, _GRADIENT, _TRIAL))
             # Next first step: the best uncertain one, else below the last (all ruled out).
             start = jnp.where(inconclusive, best_alpha, alpha * self.rho)
             return c._replace(
                 phase=phase.astype(jnp.int32),
-                eps=jnp.where(new_loop, shrunk(c.eps), c.eps),
-                delta=jnp.where(new_loop, shrunk(c.delta), c.delta),
+                eps=jnp.where(shrink, shrunk(c.eps), c.eps),
+                delta=jnp.where(shrink, shrunk(c.delta), c.delta),
                 loop=jnp.where(new_loop, c.loop + 1, c.loop),
                 trial=jnp.where(last, 0, c.trial + 1),
                 start=jnp.where(last & ~accepted, start, c.start).astype(dt),
@@ -883,7 +886,11 @@ class MAID:
             jnp.where(
                 ev.inner_status == Status.MAX_STEPS,
                 Status.MAX_STEPS,
-                jnp.where(ev.linear_residual > c.delta, Status.LINEAR_SOLVE_FAILED, Status.SUCCESS),
+                jnp.where(
+                    ev.linear_residual > ev.linear_tolerance,
+                    Status.LINEAR_SOLVE_FAILED,
+                    Status.SUCCESS,
+                ),
             ),
         ).astype(jnp.int32)
         if self.throw:
