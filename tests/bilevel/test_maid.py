@@ -272,7 +272,9 @@ def test_nonfinite_data_is_a_counted_skip_and_the_state_stays_finite(where):
 def test_an_overflowing_trial_step_is_rejected_not_applied():
     with jax.enable_x64(True):
         maid = ridge_maid()
-        state, _ = run(maid, maid.init(jnp.zeros(D)), 1)
+        below = {"wd": jnp.log(jnp.asarray(1e-3))}  # u < u*: p < 0, u - alpha p -> +inf
+        state, rows = run(maid, maid.init(jnp.zeros(D), below), 1)
+        assert float(rows[0]["hypergrad"]["wd"]) < 0
         state = state._replace(step_size=jnp.full_like(state.step_size, 1e300))  # exp overflows
         new, metrics = maid.step(state, *data())
         assert not bool(metrics["accepted"]) and int(metrics["skipped"]) == 0
