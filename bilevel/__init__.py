@@ -19,6 +19,7 @@ from bilevel._checkpoint import latest_step, restore_checkpoint, save_checkpoint
 from bilevel._fit import fit
 from bilevel._hd import HypergradientLRState, hd_adam, hd_sgd, hypergradient_lr
 from bilevel._hyper_adapt import HyperAdaptState, hyper_adapt
+from bilevel._maid import MAID, MAIDEstimates, MAIDState
 from bilevel._outer import NormalizedMomentumState, normalized_momentum
 from bilevel._utils import minibatches, nnx_apply_fn
 
@@ -31,6 +32,9 @@ __all__ = [
     "BilevelState",
     "Forward",
     "HypergradientInfo",
+    "MAID",
+    "MAIDEstimates",
+    "MAIDState",
     "TrainingLoop",
     "fit",
     "hypergradient",
