@@ -980,3 +980,23 @@ def target_line(ax, value: float, label: str, *, horizontal: bool = True, **kwar
     """A dotted black line marking a target (or a dashed grey one for a baseline via kwargs)."""
     kwargs = {"color": "black", "ls": ":", "lw": 1.2, **kwargs}
     (ax.axhline if horizontal else ax.axvline)(value, label=label, **kwargs)
+
+
+def verdict(value: float, target: str) -> str:
+    """Whether ``value`` meets ``target`` (``"<= 1.05"`` or ``">= 10"``), and by what factor not.
+
+    Args:
+      value: the measured ratio.
+      target: an operator (``<=`` or ``>=``) and a positive bound.
+
+    Returns:
+      ``"met"``, or ``"missed: 2.4x short"`` / ``"missed: 1.3x over"`` (the true factor).
+    """
+    op, bound = target.split()
+    bound = float(bound)
+    if op not in ("<=", ">="):
+        raise ValueError(f"target must read '<= x' or '>= x', got {target!r}")
+    if (value <= bound) if op == "<=" else (value >= bound):
+        return "met"
+    factor = value / bound if op == "<=" else bound / value
+    return f"missed: {factor:.3g}x {'over' if op == '<=' else 'short'}"
