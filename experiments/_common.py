@@ -255,8 +255,9 @@ def timeit(
 
     Each function first runs ``warmup`` times untimed (compilation, caches); then every one of
     ``repeats`` rounds times each function once (``jax.block_until_ready`` on its result), so a
-    change of machine load hits every function alike. ``bar`` (the script's progress bar, or
-    ``None``) advances by one per round. Returns ``{name: {"median_ms", "min_ms", "max_ms"}}``.
+    change of machine load hits every function alike (compare them with :func:`paired_ratio`).
+    ``bar`` (the script's progress bar, or ``None``) advances by one per round. Returns
+    ``{name: {"median_ms", "min_ms", "max_ms", "times_ms"}}`` (``times_ms``: one per round).
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -274,6 +275,7 @@ def timeit(
             "median_ms": 1e3 * float(np.median(ts)),
             "min_ms": 1e3 * float(np.min(ts)),
             "max_ms": 1e3 * float(np.max(ts)),
+            "times_ms": [1e3 * t for t in ts],
         }
         for name, ts in times.items()
     }
@@ -992,11 +994,33 @@ def verdict(value: float, target: str) -> str:
     Returns:
       ``"met"``, or ``"missed: 2.4x short"`` / ``"missed: 1.3x over"`` (the true factor).
     """
-    op, bound = target.split()
-    bound = float(bound)
-    if op not in ("<=", ">="):
-        raise ValueError(f"target must read '<= x' or '>= x', got {target!r}")
+    try:
+        op, text = target.split()
+        bound = float(text)
+    except ValueError:
+        op, bound = "", 0.0
+    if op not in ("<=", ">=") or not bound > 0:
+        raise ValueError(f"target must read '<= x' or '>= x' with x > 0, got {target!r}")
     if (value <= bound) if op == "<=" else (value >= bound):
         return "met"
     factor = value / bound if op == "<=" else bound / value
     return f"missed: {factor:.3g}x {'over' if op == '<=' else 'short'}"
+
+
+def paired_ratio(times: dict[str, dict[str, Any]], num: str, den: str) -> float:
+    r"""Median over the rounds of :func:`timeit` of ``time(num) / time(den)`` in the same round.
+
+    .. math:: \operatorname{median}_i\; t_{num,i} / t_{den,i}
+
+    The two calls of a round run back to back, under the same machine load: on a shared machine
+    this ratio is steadier than the ratio of medians or of minima.
+
+    Args:
+      times: the result of :func:`timeit`.
+      num, den: the names of the two timed functions.
+
+    Returns:
+      The median per-round ratio.
+    """
+    a, b = np.asarray(times[num]["times_ms"]), np.asarray(times[den]["times_ms"])
+    return float(np.median(a / b))

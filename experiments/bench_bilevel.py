@@ -16,8 +16,9 @@ tuned by ``bilevel.BilevelOptimizer`` (Adam(1e-3) inner, Adam(0.05) on the hyper
 
 Every program is compiled first (one line each); then one bar counts the timing rounds of (a),
 the online steps of (b) and the rounds of (c). Timings are interleaved (the runs of (b) advance in
-lockstep); the ratios of (a) and (c) compare the fastest rounds, the estimate least disturbed by
-other jobs on a shared machine (the JSON also has the ratios of the medians).
+lockstep); a ratio of (a) or (c) is the median over the rounds of the ratio within a round (the
+calls run back to back, under the same load): on a shared machine, steadier than a ratio of
+medians.
 ``--smoke`` runs one method and compiles with XLA's fast-compile options
 (``_common.FAST_COMPILE``): its timings say nothing about speed.
 
@@ -270,14 +271,12 @@ def main(argv=None):
     bar.set_postfix_str("(a) overhead")
     times = _common.timeit(fns, args.repeats, bar=bar)
     plain_ms = times["plain"]["median_ms"]
-    plain_min = times["plain"]["min_ms"]
     overhead_rows = [
         {
             "method": name,
             "median_ms": t["median_ms"],
             "min_ms": t["min_ms"],
-            "ratio_vs_plain": t["min_ms"] / plain_min,
-            "ratio_of_medians": t["median_ms"] / plain_ms,
+            "ratio_vs_plain": _common.paired_ratio(times, name, "plain"),
         }
         for name, t in times.items()
     ]
@@ -323,15 +322,13 @@ def main(argv=None):
 
         pop_times = _common.timeit({"loop": loop, "vmap": vmapped}, pop_repeats, bar=bar)
         looped_states = jax.tree.map(stack_floats, *[s for s, _ in loop()])
-        loop_ms, vmap_ms = pop_times["loop"]["min_ms"], pop_times["vmap"]["min_ms"]
         pop_rows.append(
             {
                 "method": name,
                 "members": p,
-                "loop_min_ms": loop_ms,
-                "vmap_min_ms": vmap_ms,
-                "throughput_ratio": loop_ms / vmap_ms,
-                "ratio_of_medians": pop_times["loop"]["median_ms"] / pop_times["vmap"]["median_ms"],
+                "loop_median_ms": pop_times["loop"]["median_ms"],
+                "vmap_median_ms": pop_times["vmap"]["median_ms"],
+                "throughput_ratio": _common.paired_ratio(pop_times, "loop", "vmap"),
                 "vmap_vs_loop_max_abs_diff": max_abs_diff(vmapped()[0], looped_states),
             }
         )
@@ -373,7 +370,7 @@ def main(argv=None):
                 "what": f"(a) one outer step / {n} plain Adam steps, {r['method']} (MLP "
                 f"{'-'.join(map(str, sizes))}, batch {args.batch_size})",
                 "result": f"{_common.format_ratio(r['ratio_vs_plain'])} "
-                f"({r['min_ms']:.3g} vs {plain_min:.3g} ms)",
+                f"(median {r['median_ms']:.3g} vs {plain_ms:.3g} ms)",
                 "target": "-",
             }
         )
@@ -438,7 +435,7 @@ def plot(overhead_rows, warm_rows, pop_rows, n, p, machine, path) -> None:
     ax.set_yticks(ys, [r["method"] for r in rows], fontsize=8)
     ax.axvline(1.0, color="grey", ls="--", lw=1, label=f"{n} plain Optax Adam steps (= 1)")
     ax.set_xlim(0, 1.25 * max(r["ratio_vs_plain"] for r in rows))
-    ax.set(xlabel=f"time of one outer step / time of {n} plain steps (fastest rounds)")
+    ax.set(xlabel=f"time of one outer step / time of {n} plain steps (median ratio)")
     ax.set_title("(a) overhead of one outer step", fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, frameon=False)
 
@@ -482,7 +479,7 @@ def plot(overhead_rows, warm_rows, pop_rows, n, p, machine, path) -> None:
     _common.target_line(ax, float(POPULATION_TARGET.split()[1]), f"target {POPULATION_TARGET}x")
     ax.set_xticks(xs, [r["method"] for r in pop_rows], fontsize=8)
     ax.set_ylim(0, 1.3 * max(*ratios, float(POPULATION_TARGET.split()[1])))
-    ax.set(ylabel="throughput, vmap / loop (fastest rounds)")
+    ax.set(ylabel="throughput, vmap / loop (median ratio)")
     ax.set_title(f"(c) population of {p} tuners", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(f"Online bilevel optimizer (bilevel.BilevelOptimizer), {machine}")

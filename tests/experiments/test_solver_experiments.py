@@ -3,7 +3,9 @@
 import json
 import math
 
-from experiments import bench_solvers, hypergrad_accuracy
+import pytest
+
+from experiments import _common, bench_solvers, hypergrad_accuracy
 
 
 def _rows(data, problem, method):
@@ -94,3 +96,14 @@ def test_bench_solvers_smoke(tmp_path):
     rows = _summary(tmp_path)["rows"]
     assert [r["target"] for r in rows] == ["<= 1.05x", ">= 10x", "<= 1.6x"]
     assert rows[1]["result"].startswith(f"{unrolled['memory_ratio']:.3g}x")
+
+
+def test_paired_ratio_and_verdict():
+    # Round 2 ran under load for both calls: the per-round ratio ignores it.
+    times = {"a": {"times_ms": [2.0, 20.0, 2.2]}, "b": {"times_ms": [1.0, 10.0, 1.0]}}
+    assert _common.paired_ratio(times, "a", "b") == 2.0
+    assert _common.verdict(1.02, "<= 1.05") == "met"
+    assert _common.verdict(2.1, "<= 1.05") == "missed: 2x over"
+    assert _common.verdict(2.5, ">= 10") == "missed: 4x short"
+    with pytest.raises(ValueError, match="target"):
+        _common.verdict(1.0, "== 1")
