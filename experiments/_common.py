@@ -248,30 +248,34 @@ def timeit(
     fns: dict[str, Callable],
     repeats: int,
     *,
-    disable: bool = False,
-    desc: str = "timing",
+    bar=None,
     warmup: int = 1,
 ) -> dict[str, dict[str, float]]:
     """Wall time of each zero-argument function, in milliseconds, measured interleaved.
 
     Each function first runs ``warmup`` times untimed (compilation, caches); then every one of
-    ``repeats`` rounds times each function once (``jax.block_until_ready`` on its result). Returns
-    ``{name: {"median_ms", "min_ms", "max_ms"}}``.
+    ``repeats`` rounds times each function once (``jax.block_until_ready`` on its result), so a
+    change of machine load hits every function alike (compare them with :func:`paired_ratio`).
+    ``bar`` (the script's progress bar, or ``None``) advances by one per round. Returns
+    ``{name: {"median_ms", "min_ms", "max_ms", "times_ms"}}`` (``times_ms``: one per round).
     """
     for fn in fns.values():
         for _ in range(warmup):
             jax.block_until_ready(fn())
     times = {name: [] for name in fns}
-    for _ in progress(range(repeats), desc=desc, disable=disable):
+    for _ in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - t0)
+        if bar is not None:
+            bar.update()
     return {
         name: {
             "median_ms": 1e3 * float(np.median(ts)),
             "min_ms": 1e3 * float(np.min(ts)),
             "max_ms": 1e3 * float(np.max(ts)),
+            "times_ms": [1e3 * t for t in ts],
         }
         for name, ts in times.items()
     }
@@ -928,3 +932,98 @@ def plot_schedule(path, result, title, names=DIGITS_NAMES):
     ax[1].plot([c["epoch"] for c in result["curve"]], [c["val_loss"] for c in result["curve"]])
     ax[1].set(xlabel="epoch", ylabel="validation cross-entropy", title="validation loss")
     save_figure(fig, path, dpi=120)
+
+
+# ---- solver benchmarks
+# Shared by hypergrad_accuracy, bench_solvers and bench_bilevel.
+
+# Colours of the linear solvers, matching the methods they implement: CG is the implicit default,
+# a one-step Neumann series is SOBA; GMRES has its own.
+PALETTE.update(
+    {
+        "cg": PALETTE["implicit"],
+        "implicit-cg": PALETTE["implicit"],
+        "neumann": PALETTE["soba"],
+        "implicit-neumann": PALETTE["soba"],
+        "gmres": "#7b4173",
+        "implicit-gmres": "#7b4173",
+    }
+)
+
+# XLA options that make CPU compilation 3-6x faster (no backend optimization, no fusion
+# emitters) and the compiled programs 2-4x slower: for runs whose timings do not matter
+# (accuracy studies, ``--smoke``). Numbers agree with the default compilation to rounding.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def compiler_options(fast: bool) -> dict[str, Any]:
+    """``compiler_options`` for ``jax.jit``: :data:`FAST_COMPILE` on CPU when ``fast``, else ``{}``.
+
+    Args:
+      fast: compile for short compilation rather than fast execution (CPU only).
+
+    Returns:
+      A dict of XLA options (empty: XLA's defaults).
+    """
+    return dict(FAST_COMPILE) if fast and jax.default_backend() == "cpu" else {}
+
+
+def format_ratio(value: float) -> str:
+    """A ratio as printed in tables and summaries: ``"16.3x"``, ``"0.98x"``."""
+    return f"{value:.3g}x"
+
+
+def format_bytes(n: float) -> str:
+    """``"12.5 MiB"``, ``"840 KiB"``, ``"96 B"``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def target_line(ax, value: float, label: str, *, horizontal: bool = True, **kwargs) -> None:
+    """A dotted black line marking a target (or a dashed grey one for a baseline via kwargs)."""
+    kwargs = {"color": "black", "ls": ":", "lw": 1.2, **kwargs}
+    (ax.axhline if horizontal else ax.axvline)(value, label=label, **kwargs)
+
+
+def verdict(value: float, target: str) -> str:
+    """Whether ``value`` meets ``target`` (``"<= 1.05"`` or ``">= 10"``), and by what factor not.
+
+    Args:
+      value: the measured ratio.
+      target: an operator (``<=`` or ``>=``) and a positive bound.
+
+    Returns:
+      ``"met"``, or ``"missed: 2.4x short"`` / ``"missed: 1.3x over"`` (the true factor).
+    """
+    try:
+        op, text = target.split()
+        bound = float(text)
+    except ValueError:
+        op, bound = "", 0.0
+    if op not in ("<=", ">=") or not bound > 0:
+        raise ValueError(f"target must read '<= x' or '>= x' with x > 0, got {target!r}")
+    if (value <= bound) if op == "<=" else (value >= bound):
+        return "met"
+    factor = value / bound if op == "<=" else bound / value
+    return f"missed: {factor:.3g}x {'over' if op == '<=' else 'short'}"
+
+
+def paired_ratio(times: dict[str, dict[str, Any]], num: str, den: str) -> float:
+    r"""Median over the rounds of :func:`timeit` of ``time(num) / time(den)`` in the same round.
+
+    .. math:: \operatorname{median}_i\; t_{num,i} / t_{den,i}
+
+    The two calls of a round run back to back, under the same machine load: on a shared machine
+    this ratio is steadier than the ratio of medians or of minima.
+
+    Args:
+      times: the result of :func:`timeit`.
+      num, den: the names of the two timed functions.
+
+    Returns:
+      The median per-round ratio.
+    """
+    a, b = np.asarray(times[num]["times_ms"]), np.asarray(times[den]["times_ms"])
+    return float(np.median(a / b))
