@@ -631,7 +631,7 @@ def prepare_stn(args) -> Section:
     epochs = chunks * chunk * 5 / per_epoch
 
     def run(bar, out) -> dict:
-        curve = []
+        curve = [(0.0, float(losses(state0, *val)[0]))]
 
         def record(step, state, metrics):
             curve.append((step * 5 / per_epoch, float(losses(state, *val)[0])))
@@ -703,9 +703,9 @@ def plot_stn(path, schedule, curve, init, epochs):
     for k in init:
         style = {"color": HPARAM_COLORS[k], "ls": HPARAM_STYLES[k]}
         ax1.plot(schedule["epoch"], schedule[k], label=k, **style)
-    for value in sorted(set(init.values())):
-        names = ", ".join(k for k, v in init.items() if v == value)
-        ax1.axhline(value, color=_common.color("fixed"), lw=1, label=f"initial value ({names})")
+    for value in sorted({f"{v:.3g}" for v in init.values()}):
+        names = ", ".join(k for k, v in init.items() if f"{v:.3g}" == value)
+        ax1.axhline(float(value), color=_common.color("fixed"), lw=1, label=f"initial {names}")
     ax1.set(
         xlabel="epoch",
         ylabel="dropout rate / noise std",
