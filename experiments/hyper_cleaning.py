@@ -25,8 +25,9 @@ each for as many inner steps as a bilevel run.
 Reported: test error against wall time (compilation excluded; evaluation excluded), precision and
 recall of flagging corrupted examples (flag = weight < 0.5), and a final table.
 
-    python -m experiments.hyper_cleaning            # a few minutes on a 2-core CPU
-    python -m experiments.hyper_cleaning --smoke    # seconds
+    python -m experiments.hyper_cleaning                    # both models, every method
+    python -m experiments.hyper_cleaning --models linear    # the linear model only
+    python -m experiments.hyper_cleaning --smoke            # the test suite's short run (linear)
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ def flag_stats(weights: np.ndarray, corrupted: np.ndarray) -> dict[str, float]:
     }
 
 
-def run_bilevel(model, method_name, args, cfg, space, val, test, corrupted, rho, bar):
+def prepare_bilevel(model, method_name, args, cfg, space, val, test, corrupted, rho):
+    """Compile one bilevel run's outer step; returns ``run(bar) -> result``."""
     opt = bilevel.BilevelOptimizer(
         cfg["inner_loss"],
         cfg["outer_loss"],
@@ -214,54 +216,60 @@ def run_bilevel(model, method_name, args, cfg, space, val, test, corrupted, rho,
     def step(state, val):
         return opt.step(state, sample(state.key, state.step), val)
 
-    state = opt.init(cfg["params0"], key=jax.random.key(args.seed))
+    state0 = opt.init(cfg["params0"], key=jax.random.key(args.seed))
     t0 = time.perf_counter()
-    compiled = jax.jit(step).lower(state, val).compile()
+    compiled = jax.jit(step).lower(state0, val).compile()
     compile_s = time.perf_counter() - t0
     evaluate = cfg["evaluate"]
 
-    def record(outer_step, wall):
-        w = np.asarray(opt.hparams(state)["weight"])
-        error, val_loss = evaluate(state.params, val, test)
+    def run(bar) -> dict[str, Any]:
+        state = state0
+
+        def record(outer_step, wall):
+            w = np.asarray(opt.hparams(state)["weight"])
+            error, val_loss = evaluate(state.params, val, test)
+            return {
+                "outer_step": outer_step,
+                "wall_s": wall,
+                "test_error": error,
+                "val_loss": val_loss,
+                **flag_stats(w, corrupted),
+            }
+
+        history = [record(0, 0.0)]
+        wall = 0.0
+        metrics = {}
+        converged = []
+        for i in range(args.outer_steps):
+            t = time.perf_counter()
+            state, metrics = compiled(state, val)
+            jax.block_until_ready(state)
+            wall += time.perf_counter() - t
+            converged.append(int(metrics["status"]) == int(solvers.Status.SUCCESS))
+            bar.update(1)
+            if (i + 1) % args.eval_every == 0 or i + 1 == args.outer_steps:
+                history.append(record(i + 1, wall))
+        final = history[-1]
         return {
-            "outer_step": outer_step,
+            "method": method_name,
+            "model": model,
+            "test_error": final["test_error"],
+            "precision": final["precision"],
+            "recall": final["recall"],
             "wall_s": wall,
-            "test_error": error,
-            "val_loss": val_loss,
-            **flag_stats(w, corrupted),
+            "compile_s": compile_s,
+            "val_loss": final["val_loss"],
+            "skipped": int(metrics.get("skipped", 0)),
+            "solve_success": float(np.mean(converged)) if converged else float("nan"),
+            "history": history,
         }
 
-    history = [record(0, 0.0)]
-    wall = 0.0
-    metrics = {}
-    converged = []
-    for i in range(args.outer_steps):
-        t = time.perf_counter()
-        state, metrics = compiled(state, val)
-        jax.block_until_ready(state)
-        wall += time.perf_counter() - t
-        converged.append(int(metrics["status"]) == int(solvers.Status.SUCCESS))
-        bar.update(1)
-        if (i + 1) % args.eval_every == 0 or i + 1 == args.outer_steps:
-            history.append(record(i + 1, wall))
-    final = history[-1]
-    return {
-        "method": method_name,
-        "model": model,
-        "test_error": final["test_error"],
-        "precision": final["precision"],
-        "recall": final["recall"],
-        "wall_s": wall,
-        "compile_s": compile_s,
-        "val_loss": final["val_loss"],
-        "skipped": int(metrics.get("skipped", 0)),
-        "solve_success": float(np.mean(converged)) if converged else float("nan"),
-        "history": history,
-    }
+    return run
 
 
-def run_baseline(model, name, args, cfg, n, val, test, bar):
-    """Plain training with every weight 1 (on ``n`` rows) for outer_steps x inner_steps steps."""
+def prepare_baseline(model, name, args, cfg, n, val, test):
+    """Compile plain training with every weight 1 (on ``n`` rows) for outer x inner steps;
+    returns ``run(bar) -> result``."""
     h = {"weight": jnp.ones(n)}
     opt = cfg["inner_opt"]
     sample = cfg["sample"]
@@ -279,31 +287,36 @@ def run_baseline(model, name, args, cfg, n, val, test, bar):
         return p, s, key, i + 1
 
     params = cfg["params0"]
-    carry = (params, opt.init(params), jax.random.key(args.seed), jnp.asarray(0, jnp.int32))
+    carry0 = (params, opt.init(params), jax.random.key(args.seed), jnp.asarray(0, jnp.int32))
     t0 = time.perf_counter()
-    compiled = jax.jit(cycle).lower(carry).compile()
+    compiled = jax.jit(cycle).lower(carry0).compile()
     compile_s = time.perf_counter() - t0
-    wall = 0.0
-    for _ in range(args.outer_steps):
-        t = time.perf_counter()
-        carry = compiled(carry)
-        jax.block_until_ready(carry)
-        wall += time.perf_counter() - t
-        bar.update(1)
-    error, val_loss = cfg["evaluate"](carry[0], val, test)
-    return {
-        "method": name,
-        "model": model,
-        "test_error": error,
-        "precision": float("nan"),
-        "recall": float("nan"),
-        "wall_s": wall,
-        "compile_s": compile_s,
-        "val_loss": val_loss,
-        "skipped": 0,
-        "solve_success": float("nan"),
-        "history": [],
-    }
+
+    def run(bar) -> dict[str, Any]:
+        carry = carry0
+        wall = 0.0
+        for _ in range(args.outer_steps):
+            t = time.perf_counter()
+            carry = compiled(carry)
+            jax.block_until_ready(carry)
+            wall += time.perf_counter() - t
+            bar.update(1)
+        error, val_loss = cfg["evaluate"](carry[0], val, test)
+        return {
+            "method": name,
+            "model": model,
+            "test_error": error,
+            "precision": float("nan"),
+            "recall": float("nan"),
+            "wall_s": wall,
+            "compile_s": compile_s,
+            "val_loss": val_loss,
+            "skipped": 0,
+            "solve_success": float("nan"),
+            "history": [],
+        }
+
+    return run
 
 
 # ----------------------------------------------------------------------------- main
@@ -311,7 +324,11 @@ def run_baseline(model, name, args, cfg, n, val, test, bar):
 
 def main(argv=None):
     parser = _common.make_parser("hyper_cleaning", __doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: linear,mlp")
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated: linear,mlp (default: both; --smoke: linear)",
+    )
     parser.add_argument(
         "--methods", default=",".join(METHODS), help="comma-separated: implicit,soba,truncated"
     )
@@ -347,15 +364,19 @@ def main(argv=None):
         args.truncate = min(args.truncate, 2)
         if args.soba_scale is None:
             args.soba_scale = 0.05  # skip the power iteration's compilation
+    if args.models is None:
+        args.models = "linear" if args.smoke else ",".join(MODELS)
     models = _common.parse_choices(parser, args.models, MODELS, "model")
     methods = _common.parse_choices(parser, args.methods, METHODS, "method")
     try:
         parse_per_model(args.cg_ridge)
     except ValueError as e:
         parser.error(f"--cg-ridge: {e}")
+    t_start = time.perf_counter()
     out = _common.results_dir(args)
+    quiet = args.no_progress
 
-    split = _common.load_mnist5k(seed=args.seed)
+    split = _common.load_mnist5k_fast(seed=args.seed)
     y_noisy, corrupted = corrupt_labels(split.y_train, args.noise, args.seed)
     n = len(y_noisy)
     data = {"x": jnp.asarray(split.x_train), "y": jnp.asarray(y_noisy)}
@@ -364,14 +385,13 @@ def main(argv=None):
     val = {"x": jnp.asarray(split.x_val), "y": jnp.asarray(split.y_val)}
     test = (jnp.asarray(split.x_test), jnp.asarray(split.y_test))
 
-    total = (
-        sum((1 if args.smoke and m == "mlp" else len(methods)) + 2 for m in models)
-        * args.outer_steps
-    )
-    bar = _common.progress(total=total, desc="hyper-cleaning", disable=args.no_progress)
-    results = []
+    runs = []  # (label, run(bar) -> result)
     rhos = {}
     for model in models:
+        _common.phase(
+            f"compiling the {model} model's runs ({', '.join(methods)}, noisy, oracle)",
+            quiet=quiet,
+        )
         cfg = setup(model, args, data)
         # One weight per training example, weight = sigmoid(u), u = 0 at the start.
         space = {"weight": H.unit(jnp.full(n, 0.5))}
@@ -381,18 +401,34 @@ def main(argv=None):
             rhos[model] = args.soba_scale
         else:
             rhos[model] = soba_scale(cfg, space)
-        # Smoke runs: every method on the linear model, the first one only on the MLP (time).
-        for method in methods[:1] if args.smoke and model == "mlp" else methods:
-            bar.set_postfix_str(f"{model}/{method}")
-            results.append(
-                run_bilevel(model, method, args, cfg, space, val, test, corrupted, rhos[model], bar)
+        for method in methods:
+            run = prepare_bilevel(
+                model, method, args, cfg, space, val, test, corrupted, rhos[model]
             )
-        bar.set_postfix_str(f"{model}/baselines")
-        results.append(run_baseline(model, "noisy (all weights 1)", args, cfg, n, val, test, bar))
-        clean_cfg = setup(model, args, clean_data)
-        results.append(
-            run_baseline(model, "oracle (clean only)", args, clean_cfg, len(clean), val, test, bar)
+            runs.append((f"{model}/{method}", run))
+        runs.append(
+            (
+                f"{model}/noisy",
+                prepare_baseline(model, "noisy (all weights 1)", args, cfg, n, val, test),
+            )
         )
+        clean_cfg = setup(model, args, clean_data)
+        runs.append(
+            (
+                f"{model}/oracle",
+                prepare_baseline(
+                    model, "oracle (clean only)", args, clean_cfg, len(clean), val, test
+                ),
+            )
+        )
+        cfg["evaluate"](cfg["params0"], val, test)  # compile the evaluation
+        clean_cfg["evaluate"](clean_cfg["params0"], val, test)
+
+    bar = _common.progress(total=len(runs) * args.outer_steps, desc="hyper_cleaning", disable=quiet)
+    results = []
+    for label, run in runs:
+        bar.set_postfix_str(label)
+        results.append(run(bar))
     bar.close()
 
     columns = ["method", "model", "test_error", "precision", "recall", "wall_s", "compile_s"]
@@ -411,7 +447,7 @@ def main(argv=None):
         {"method": r["method"], "model": r["model"], **h} for r in results for h in r["history"]
     ]
     _common.save_csv(out / "history.csv", history_rows)
-    plot(results, models, out / "hyper_cleaning.png")
+    plot(results, models, out / "hyper_cleaning.png", args.noise)
 
     _common.print_table(
         rows,
@@ -421,37 +457,102 @@ def main(argv=None):
             "test error, flagging precision/recall (weight < 0.5), wall time (s)"
         ),
     )
-    print(f"\nresults in {out}/ (hyper_cleaning.json, hyper_cleaning.csv, history.csv, .png)")
+    print(
+        "precision / recall: of flagging the corrupted examples (final weight < 0.5); nan for "
+        "the baselines, which flag nothing.\nwall_s: training time, compilation (compile_s) "
+        "and the periodic evaluations excluded."
+    )
+    wall = time.perf_counter() - t_start
+    _common.write_summary(
+        out,
+        "hyper_cleaning",
+        summary_rows(rows, args),
+        seconds=wall,
+        smoke=args.smoke,
+    )
+    _common.done(out, wall)
     return rows
 
 
-def plot(results, models, path):
+def summary_rows(rows, args) -> list[dict[str, str]]:
+    """Headline rows: each bilevel run against its model's noisy baseline and clean oracle."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        noisy = next(r for r in mine if r["method"].startswith("noisy"))
+        oracle = next(r for r in mine if r["method"].startswith("oracle"))
+        for r in mine:
+            if r["method"] not in METHODS:
+                continue
+            out.append(
+                {
+                    "what": f"hyper_cleaning: {model} model, {r['method']}, one weight per "
+                    f"training example ({args.noise:.0%} wrong labels, {args.outer_steps} outer "
+                    "steps)",
+                    "result": f"test error {r['test_error']:.3f}; flags corrupted labels with "
+                    f"precision {r['precision']:.2f}, recall {r['recall']:.2f}; "
+                    f"{r['wall_s']:.1f} s",
+                    "target": f"noisy {noisy['test_error']:.3f} / oracle "
+                    f"{oracle['test_error']:.3f}",
+                }
+            )
+    return out
+
+
+def plot(results, models, path, noise):
     plt = _common.pyplot()
     fig, axes = plt.subplots(
-        2, len(models), figsize=(5.5 * len(models), 7.5), squeeze=False, sharex="col"
+        2, len(models), figsize=(6.5 * len(models) + 2.5, 7.5), squeeze=False, sharex="col"
     )
     for j, model in enumerate(models):
         ax, ax2 = axes[0, j], axes[1, j]
         for r in (r for r in results if r["model"] == model):
             if r["history"]:
+                c = _common.color(r["method"])
                 t = [h["wall_s"] for h in r["history"]]
-                ax.plot(t, [h["test_error"] for h in r["history"]], marker=".", label=r["method"])
-                ax2.plot(t, [h["precision"] for h in r["history"]], label=f"{r['method']} prec.")
+                ax.plot(
+                    t,
+                    [h["test_error"] for h in r["history"]],
+                    color=c,
+                    marker=".",
+                    label=r["method"],
+                )
                 ax2.plot(
-                    t, [h["recall"] for h in r["history"]], ls="--", label=f"{r['method']} rec."
+                    t,
+                    [h["precision"] for h in r["history"]],
+                    color=c,
+                    label=f"{r['method']} precision",
+                )
+                ax2.plot(
+                    t,
+                    [h["recall"] for h in r["history"]],
+                    color=c,
+                    ls="--",
+                    label=f"{r['method']} recall",
                 )
             else:
-                ls = ":" if r["method"].startswith("noisy") else "--"
-                ax.axhline(r["test_error"], color="k", ls=ls, label=r["method"])
-        ax.set(ylabel="test error", title=f"{model}: test error vs wall time")
-        ax.legend(fontsize=8)
+                key = "baseline" if r["method"].startswith("noisy") else "oracle"
+                ls = ":" if key == "baseline" else "--"
+                ax.axhline(r["test_error"], color=_common.color(key), ls=ls, label=r["method"])
+        ax2.axhline(
+            noise,
+            color=_common.color("baseline"),
+            ls=":",
+            lw=1,
+            label=f"chance precision ({noise:.0%})",
+        )
+        ax.set(
+            ylabel="test error (fraction)",
+            title=f"{model}: test error vs wall time",
+        )
         ax2.set(
-            xlabel="wall time (s, compilation excluded)",
+            xlabel="wall time (s, compilation and evaluation excluded)",
             ylabel="precision / recall",
             title=f"{model}: flagging corrupted labels (weight < 0.5)",
             ylim=(0, 1.02),
         )
-        ax2.legend(fontsize=7, ncol=2)
+    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    axes[1, -1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     _common.save_figure(fig, path, dpi=120)
 
 

@@ -28,15 +28,16 @@ Reported, against wall time (plot and table): the validation loss and test accur
 model of each bilevel run, and of the best trial so far (lowest validation loss) of each search;
 the ``@ref`` columns read the curves at the implicit run's wall time; and the hyperparameters.
 
-    python -m experiments.weight_decay            # a few minutes on a 2-core CPU
-    python -m experiments.weight_decay --smoke    # seconds
+    python -m experiments.weight_decay                    # implicit and forward, TPE and random
+    python -m experiments.weight_decay --searches tpe     # one black-box search
+    python -m experiments.weight_decay --smoke            # the test suite's short run (implicit)
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +101,18 @@ class Problem:
 # ----------------------------------------------------------------------------- bilevel
 
 
-def run_bilevel(name: str, args, prob: Problem, bar) -> dict[str, Any]:
+class Bilevel(NamedTuple):
+    """A bilevel method ready to run: its optimizer, initial state and compiled outer step."""
+
+    name: str
+    opt: bilevel.BilevelOptimizer
+    state: Any
+    step: Any
+    compile_s: float
+
+
+def prepare_bilevel(name: str, args, prob: Problem) -> Bilevel:
+    """Build ``bilevel.BilevelOptimizer`` for ``name`` and compile its outer step."""
     space = {
         "wd": H.log(jnp.full(prob.n_layers, args.init_wd)),
         "smoothing": H.unit(args.init_smoothing, 0.0, 0.5),
@@ -128,8 +140,12 @@ def run_bilevel(name: str, args, prob: Problem, bar) -> dict[str, Any]:
     state = opt.init(prob.params0, key=prob.key)
     t0 = time.perf_counter()
     compiled = jax.jit(step).lower(state, prob.train, prob.val).compile()
-    compile_s = time.perf_counter() - t0
-    evaluate = jax.jit(prob.metrics)
+    return Bilevel(name, opt, state, compiled, time.perf_counter() - t0)
+
+
+def run_bilevel(run: Bilevel, args, prob: Problem, evaluate, bar) -> dict[str, Any]:
+    """One online tuning run; the model is evaluated every ``eval_every`` outer steps."""
+    opt, state = run.opt, run.state
 
     def record(i, wall):
         val_loss, acc = evaluate(state.params, prob.val, prob.test)
@@ -148,7 +164,7 @@ def run_bilevel(name: str, args, prob: Problem, bar) -> dict[str, Any]:
     metrics = {}
     for i in range(args.outer_steps):
         t = time.perf_counter()
-        state, metrics = compiled(state, prob.train, prob.val)
+        state, metrics = run.step(state, prob.train, prob.val)
         jax.block_until_ready(state)
         wall += time.perf_counter() - t
         bar.update(1)
@@ -162,10 +178,10 @@ def run_bilevel(name: str, args, prob: Problem, bar) -> dict[str, Any]:
     ]
     final = history[-1]
     return {
-        "method": f"bilevel {name}",
+        "method": f"bilevel {run.name}",
         "runs": 1,
         "wall_s": wall,
-        "compile_s": compile_s,
+        "compile_s": run.compile_s,
         "val_loss": final["val_loss"],
         "test_acc": final["test_acc"],
         "hparams": {k: final[k] for k in final if k.startswith("wd") or k == "smoothing"},
@@ -249,7 +265,10 @@ def run_search(name: str, args, prob: Problem, trial_fn, budget: float, bar) -> 
         if best is None or value < best["val_loss"]:
             best = row
         curve.append({"wall_s": wall, "val_loss": best["val_loss"], "test_acc": best["test_acc"]})
-        bar.update(1)
+        # A trial is one full training run; the bar's total grows if the budget fits more
+        # trials than estimated.
+        bar.total = max(bar.total, bar.n + args.outer_steps)
+        bar.update(args.outer_steps)
     return {
         "method": f"optuna {name}",
         "runs": len(trials),
@@ -259,6 +278,7 @@ def run_search(name: str, args, prob: Problem, trial_fn, budget: float, bar) -> 
         "hparams": {k: best[k] for k in best if k.startswith("wd") or k == "smoothing"}
         if best
         else {},
+        "startup": args.tpe_startup,
         "trials": trials,
         "curve": curve,
     }
@@ -275,7 +295,11 @@ def at_time(curve: list[dict], t: float) -> dict:
 
 def main(argv=None):
     parser = _common.make_parser("weight_decay", __doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default="implicit,forward", help="bilevel: implicit,forward")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="bilevel methods, comma-separated: implicit,forward (default: both; --smoke: implicit)",
+    )
     parser.add_argument("--searches", default="tpe,random", help="black box: tpe,random")
     parser.add_argument("--hidden", type=int, default=256, help="MLP hidden width (two layers)")
     parser.add_argument("--batch-size", type=int, default=100, help="training minibatch size")
@@ -303,28 +327,44 @@ def main(argv=None):
     if args.smoke:
         args.hidden, args.outer_steps, args.inner_steps, args.eval_every = 32, 4, 3, 2
         args.budget_factor = min(args.budget_factor, 3.0)
+    if args.methods is None:
+        args.methods = "implicit" if args.smoke else ",".join(METHODS)
     methods = _common.parse_choices(parser, args.methods, METHODS, "method")
     searches = _common.parse_choices(parser, args.searches, SEARCHES, "search")
+    t_start = time.perf_counter()
     out = _common.results_dir(args)
+    quiet = args.no_progress
 
-    prob = Problem(args, _common.load_mnist5k(seed=args.seed))
-    bar = _common.progress(
-        total=len(methods) * args.outer_steps, desc="bilevel", disable=args.no_progress
+    _common.phase("loading MNIST-5k and initializing the MLP", quiet=quiet)
+    prob = Problem(args, _common.load_mnist5k_fast(seed=args.seed))
+    _common.phase(
+        f"compiling the bilevel steps ({', '.join(methods)}) and the black-box training run",
+        quiet=quiet,
     )
+    prepared = [prepare_bilevel(m, args, prob) for m in methods]
+    trial_fn, trial_compile_s = make_trial_fn(prob)
+    evaluate = jax.jit(prob.metrics)
+    evaluate.lower(prob.params0, prob.val, prob.test).compile()
+
+    # Progress in outer steps (one cycle of inner_steps Adam steps); a black-box trial is a
+    # whole training run (outer_steps of them). The number of trials is known once the implicit
+    # run has set the budget: the bar's total is completed then.
+    steps = args.outer_steps
+    bar = _common.progress(total=(len(prepared) + 1) * steps, desc="weight_decay", disable=quiet)
     results = []
-    for m in methods:
-        bar.set_postfix_str(m)
-        results.append(run_bilevel(m, args, prob, bar))
-    bar.close()
+    for run in prepared:
+        bar.set_postfix_str(f"bilevel {run.name}")
+        results.append(run_bilevel(run, args, prob, evaluate, bar))
     ref = next(
         (r for r in results if r["method"] == "bilevel implicit"), results[0] if results else None
     )
-    trial_fn, trial_compile_s = make_trial_fn(prob)
 
     # Fixed hyperparameters at the bilevel starting point: one trial.
+    bar.set_postfix_str("fixed h")
     t0 = time.perf_counter()
     val_loss, acc = trial_fn([args.init_wd] * prob.n_layers, args.init_smoothing)
     fixed_s = time.perf_counter() - t0
+    bar.update(steps)
     results.append(
         {
             "method": "fixed (initial h)",
@@ -341,10 +381,14 @@ def main(argv=None):
     )
     ref_s = ref["wall_s"] if ref else fixed_s
     budget = args.budget_factor * ref_s
-    bar = _common.progress(desc="black-box trials", disable=args.no_progress)
-    for s in searches:
-        bar.set_postfix_str(s)
+    expected = max(1, int(budget // fixed_s))  # trials per search, from the fixed trial's time
+    for i, s in enumerate(searches):
+        bar.total = bar.n + (len(searches) - i) * expected * steps
+        bar.refresh()
+        bar.set_postfix_str(f"optuna {s}")
         results.append(run_search(s, args, prob, trial_fn, budget, bar))
+    bar.total = bar.n
+    bar.refresh()
     bar.close()
 
     rows = []
@@ -377,47 +421,97 @@ def main(argv=None):
     trial_rows = [{"search": r["method"], **t} for r in results for t in r.get("trials", [])]
     if trial_rows:
         _common.save_csv(out / "trials.csv", trial_rows)
-    plot(results, ref_s, budget, out / "weight_decay.png")
+    model = f"MLP 784-{args.hidden}-{args.hidden}-10 on MNIST-5k"
+    plot(results, ref_s, budget, out / "weight_decay.png", f"{model}, {prob.epochs:g} epochs/run")
 
     _common.print_table(
         rows,
         ["method", "runs", "wall_s", "val_loss", "test_acc", "val_loss@ref", "test_acc@ref"],
         title=(
-            f"MLP 784-{args.hidden}-{args.hidden}-10 on MNIST-5k, {prob.epochs:g} epochs per run; "
-            f"black-box budget {budget:.1f} s = {args.budget_factor:g} x the implicit run "
-            f"({ref_s:.1f} s); '@ref' = best reached within {ref_s:.1f} s"
+            f"{model}, {prob.epochs:g} epochs per run; black-box budget {budget:.1f} s = "
+            f"{args.budget_factor:g} x the implicit run ({ref_s:.1f} s); "
+            f"'@ref' = best reached within {ref_s:.1f} s"
         ),
     )
     hp_cols = ["method", *[f"wd{j}" for j in range(prob.n_layers)], "smoothing"]
     _common.print_table(rows, hp_cols, title="Hyperparameters (final for bilevel, best trial)")
-    print(f"\nresults in {out}/ (weight_decay.json, weight_decay.csv, trials.csv, .png)")
+    print(
+        "val_loss / test_acc: the final model of a bilevel run, the best trial (lowest "
+        "validation loss) of a search;\nwall_s: training time, compilation and the bilevel "
+        "runs' periodic evaluations excluded."
+    )
+    _common.write_summary(
+        out,
+        "weight_decay",
+        summary_rows(rows, model, prob.epochs, args.budget_factor),
+        seconds=time.perf_counter() - t_start,
+        smoke=args.smoke,
+    )
+    _common.done(out, time.perf_counter() - t_start)
     return rows
 
 
-def plot(results, ref_s, budget, path):
+def summary_rows(rows, model, epochs, factor) -> list[dict[str, str]]:
+    """Headline rows for ``summary.json``: each method's result next to the fixed baseline."""
+    fixed = next(r for r in rows if r["method"].startswith("fixed"))
+    out = []
+    for r in rows:
+        if r is fixed:
+            continue
+        if r["method"].startswith("bilevel"):
+            what = f"weight_decay: {model}, per-layer L2 + label smoothing, {r['method']} (one run)"
+        else:
+            what = (
+                f"weight_decay: {r['method']}, best of {r['runs']} trials within {factor:g}x "
+                "the implicit run's time"
+            )
+        out.append(
+            {
+                "what": f"{what}, {epochs:g} epochs",
+                "result": f"val loss {r['val_loss']:.4g}, test acc {r['test_acc']:.4g} in "
+                f"{r['wall_s']:.1f} s",
+                "target": f"fixed h: val loss {fixed['val_loss']:.4g}, test acc "
+                f"{fixed['test_acc']:.4g}",
+            }
+        )
+    return out
+
+
+def plot(results, ref_s, budget, path, title):
     plt = _common.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for r in results:
         c = r["curve"]
-        t = [p["wall_s"] for p in c]
-        if r["method"].startswith("bilevel"):
-            style = {"marker": "o", "ms": 3}
-        elif r["method"].startswith("fixed"):
-            style = {"marker": "x", "ls": "none", "color": "k"}
+        name = r["method"]
+        key = name.split()[1] if name.startswith(("bilevel", "optuna")) else "fixed"
+        if name.startswith("fixed"):
+            for ax, k in zip(axes, ("val_loss", "test_acc"), strict=True):
+                ax.axhline(c[0][k], color=_common.color(key), ls="--", lw=1.2, label=name)
+            continue
+        label = name
+        if name == "optuna tpe" and "optuna random" in [q["method"] for q in results]:
+            label = f"{name} (first {r['startup']} trials = random's)"
+        style = {"color": _common.color(key), "label": label}
+        if name.startswith("bilevel"):
+            style |= {"marker": "o", "ms": 3}
         else:
-            style = {"marker": ".", "drawstyle": "steps-post"}
-        axes[0].plot(t, [p["val_loss"] for p in c], label=r["method"], **style)
-        axes[1].plot(t, [p["test_acc"] for p in c], label=r["method"], **style)
+            style |= {"marker": ".", "drawstyle": "steps-post"}
+        t = [p["wall_s"] for p in c]
+        axes[0].plot(t, [p["val_loss"] for p in c], **style)
+        axes[1].plot(t, [p["test_acc"] for p in c], **style)
     for ax in axes:
-        ax.axvline(ref_s, color="gray", ls=":", lw=1)
-        ax.axvline(budget, color="gray", ls="--", lw=1)
+        ax.axvline(ref_s, color="k", ls=":", lw=1, label=f"implicit run's time ({ref_s:.1f} s)")
+        ax.axvline(budget, color="k", ls="-.", lw=1, label=f"black-box budget ({budget:.1f} s)")
         ax.set_xlabel("wall time (s, compilation excluded)")
-        ax.legend(fontsize=8)
+    losses = [p["val_loss"] for r in results for p in r["curve"]]
     axes[0].set(
-        ylabel="validation cross-entropy",
-        title="Validation loss vs time (black box: best trial so far)",
+        yscale="log" if max(losses) > 10 * min(losses) else "linear",
+        ylabel="validation cross-entropy (nats)",
+        title="Validation loss (black box: best trial so far)",
     )
     axes[1].set(ylabel="test accuracy", title="Test accuracy (black box: of the best trial)")
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.suptitle(title)
     _common.save_figure(fig, path, dpi=120)
 
 

