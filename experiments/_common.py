@@ -250,7 +250,7 @@ def timeit(
     *,
     bar=None,
     warmup: int = 1,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Wall time of each zero-argument function, in milliseconds, measured interleaved.
 
     Each function first runs ``warmup`` times untimed (compilation, caches); then every one of

@@ -270,7 +270,6 @@ def main(argv=None):
     )
     bar.set_postfix_str("(a) overhead")
     times = _common.timeit(fns, args.repeats, bar=bar)
-    plain_ms = times["plain"]["median_ms"]
     overhead_rows = [
         {
             "method": name,
@@ -353,7 +352,8 @@ def main(argv=None):
     _common.print_table(
         overhead_rows,
         title=f"(a) one outer step vs {n} plain Adam steps (MLP {'-'.join(map(str, sizes))}, "
-        f"batch {args.batch_size})",
+        f"batch {args.batch_size}); ratio: median over the rounds of the per-round ratio (the "
+        "medians of longer calls suffer more from other jobs)",
     )
     _common.print_table(
         [{k: v for k, v in r.items() if k != "cg_iterations"} for r in warm_rows],
@@ -361,20 +361,50 @@ def main(argv=None):
         f"(logistic regression; outer steps {skip + 1}-{args.online_steps})",
     )
     _common.print_table(
-        pop_rows, title=f"(c) population of {p}: vmap vs loop (target {POPULATION_TARGET}x)"
+        pop_rows,
+        title=f"(c) population of {p}: vmap vs loop (target {POPULATION_TARGET}x; ratio: median "
+        "per-round ratio)",
     )
-    rows = []
-    for r in overhead_rows[1:]:
-        rows.append(
-            {
-                "what": f"(a) one outer step / {n} plain Adam steps, {r['method']} (MLP "
-                f"{'-'.join(map(str, sizes))}, batch {args.batch_size})",
-                "result": f"{_common.format_ratio(r['ratio_vs_plain'])} "
-                f"(median {r['median_ms']:.3g} vs {plain_ms:.3g} ms)",
-                "target": "-",
-            }
+    for r in pop_rows:
+        ratio = r["throughput_ratio"]
+        print(
+            f"(c) {r['method']}: vmap gives {_common.format_ratio(ratio)} the loop's throughput "
+            f"on {machine} (target {POPULATION_TARGET}x: {_common.verdict(ratio, POPULATION_TARGET)})"
+            f"; vmapped and looped states differ by at most {r['vmap_vs_loop_max_abs_diff']:.2g}"
         )
-    for hessian_batch in hessian_batches:
+    rows = summary_rows(results)
+    if args.smoke:
+        print("--smoke: compiled for fast compilation, so the timings say nothing about speed")
+    wall = time.perf_counter() - t_start
+    _common.write_summary(out, NAME, rows, seconds=wall, smoke=args.smoke)
+    _common.done(out, wall)
+    return results
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """The README rows of a run from its ``bench_bilevel.json`` contents.
+
+    Args:
+      results: what :func:`main` saves (``config``, ``machine``, ``overhead``, ``warm_vs_cold``,
+        ``population``).
+
+    Returns:
+      ``{"what", "result", "target"}`` rows: overhead per method, warm / cold CG iterations per
+      Hessian batch, population throughput per method.
+    """
+    cfg, machine = results["config"], results["machine"]
+    model = f"MLP 64-{cfg['hidden']}-10, batch {cfg['batch_size']}"
+    rows = [
+        {
+            "what": f"(a) one outer step / {cfg['inner_steps']} plain Adam steps, {r['method']} "
+            f"({model}; median per-round ratio)",
+            "result": _common.format_ratio(r["ratio_vs_plain"]),
+            "target": "-",
+        }
+        for r in results["overhead"][1:]
+    ]
+    warm_rows = results["warm_vs_cold"]
+    for hessian_batch in dict.fromkeys(r["hessian_batch"] for r in warm_rows):
         warm_r, cold_r = (
             next(
                 r for r in warm_rows if r["hessian_batch"] == hessian_batch and r["warm_start"] is w
@@ -391,28 +421,18 @@ def main(argv=None):
                 "target": "-",
             }
         )
-    for r in pop_rows:
+    for r in results["population"]:
         ratio = r["throughput_ratio"]
         rows.append(
             {
-                "what": f"(c) vmap of {p} tuners / Python loop over them: throughput, "
+                "what": f"(c) vmap of {r['members']} tuners / Python loop over them: throughput, "
                 f"{r['method']}",
                 "result": f"{_common.format_ratio(ratio)} on {machine} "
                 f"({_common.verdict(ratio, POPULATION_TARGET)})",
                 "target": f"{POPULATION_TARGET}x",
             }
         )
-        print(
-            f"(c) {r['method']}: vmap gives {_common.format_ratio(ratio)} the loop's throughput "
-            f"on {machine} (target {POPULATION_TARGET}x: {_common.verdict(ratio, POPULATION_TARGET)})"
-            f"; vmapped and looped states differ by at most {r['vmap_vs_loop_max_abs_diff']:.2g}"
-        )
-    if args.smoke:
-        print("--smoke: compiled for fast compilation, so the timings say nothing about speed")
-    wall = time.perf_counter() - t_start
-    _common.write_summary(out, NAME, rows, seconds=wall, smoke=args.smoke)
-    _common.done(out, wall)
-    return results
+    return rows
 
 
 def plot(overhead_rows, warm_rows, pop_rows, n, p, machine, path) -> None:
