@@ -16,13 +16,20 @@ from bilevel._bilevel import (
 )
 from bilevel._checkpoint import latest_step, restore_checkpoint, save_checkpoint
 from bilevel._fit import fit
-from bilevel._hd import HypergradientLRState, hd_adam, hd_sgd, hypergradient_lr
+from bilevel._hd import (
+    DEFAULT_HYPER_LR,
+    HypergradientLRState,
+    hd_adam,
+    hd_sgd,
+    hypergradient_lr,
+)
 from bilevel._hyper_adapt import HyperAdaptState, hyper_adapt
 from bilevel._utils import minibatches, nnx_apply_fn
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_HYPER_LR",
     "BilevelOptimizer",
     "BilevelState",
     "Forward",
