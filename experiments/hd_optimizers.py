@@ -90,39 +90,47 @@ def _current_lr(state, lr0):
     return jnp.asarray(lr0 if lr is None else lr, jnp.float32)
 
 
+def init_params(sizes, seed):
+    """He-initialized ReLU MLP weights from NumPy (logistic regression: zeros), as a pytree.
+
+    NumPy keeps random-number generation out of the compiled programs, which compile several
+    times faster without it.
+    """
+    rng = np.random.RandomState(seed)
+    params = []
+    for n_in, n_out in itertools.pairwise(sizes):
+        scale = 0.0 if len(sizes) == 2 else np.sqrt(2.0 / n_in)
+        w = (rng.randn(n_in, n_out) * scale).astype(np.float32)
+        params.append({"w": w, "b": np.zeros(n_out, np.float32)})
+    return params
+
+
 class Population:
     """Members ``(lr0, beta, seed)`` of one method trained at once (``jax.vmap``), epoch by epoch.
 
-    ``factory(lr0, beta)`` builds the optimizer. :meth:`compile` compiles ahead of time;
-    :meth:`run` trains, advancing ``bar`` by ``weight`` per epoch, and returns per-member arrays
-    ``val_loss``, ``train_loss``, ``test_acc`` (members, epochs) and ``lr`` (members, steps).
+    ``factory(lr0, beta)`` builds the optimizer; the seed sets the initialization and the batch
+    order (drawn with NumPy). :meth:`compile` compiles ahead of time; :meth:`run` trains,
+    advancing ``bar`` by ``weight`` per epoch, and returns per-member arrays ``val_loss``,
+    ``train_loss``, ``test_acc`` (members, epochs) and ``lr`` (members, steps).
     """
 
     def __init__(self, label, factory, sizes, data, lr0, beta, seeds, epochs, batch, weight=1):
         self.label, self.epochs, self.weight = label, epochs, weight
+        self.seeds = [int(s) for s in seeds]
         x_tr, y_tr = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
         x_va, y_va = jnp.asarray(data.x_val), jnp.asarray(data.y_val)
         x_te, y_te = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
-        n_batches = x_tr.shape[0] // batch
-        self.args = (
-            jnp.asarray(lr0, jnp.float32),
-            jnp.asarray(beta, jnp.float32),
-            jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)),
+        self.n_train, self.n_batches, self.batch = x_tr.shape[0], x_tr.shape[0] // batch, batch
+        self.args = (jnp.asarray(lr0, jnp.float32), jnp.asarray(beta, jnp.float32))
+        self.params0 = jax.tree.map(
+            lambda *xs: np.stack(xs), *(init_params(sizes, s) for s in self.seeds)
         )
         schedule_free = label == "sched_free_adamw"
 
-        def init(lr0, beta, key):
-            params = _common.dense_mlp_init(jax.random.fold_in(key, 0), sizes, zero_linear=True)
-            return params, factory(lr0, beta).init(params)
-
-        def epoch(lr0, beta, key, params, state, e):
-            # epoch 0 initializes (one compiled program per population, init included)
-            params, state = jax.lax.cond(
-                e == 0, lambda: init(lr0, beta, key), lambda: (params, state)
-            )
+        def epoch(lr0, beta, params, state, idx, first):
             tx = factory(lr0, beta)
-            perm = jax.random.permutation(jax.random.fold_in(key, e + 1), x_tr.shape[0])
-            idx = perm[: n_batches * batch].reshape(n_batches, batch)
+            # the first epoch starts from a fresh optimizer state (one program, init included)
+            state = jax.lax.cond(first, lambda: tx.init(params), lambda: state)
 
             def step(carry, i):
                 params, state = carry
@@ -142,19 +150,36 @@ class Population:
             )
             return params, state, metrics, lr_steps
 
-        self._init = jax.vmap(init)
+        def state_shapes(lr0, beta, params):
+            return factory(lr0, beta).init(params)
+
+        self._state_shapes = jax.vmap(state_shapes)
         self._epoch = jax.jit(jax.vmap(epoch, in_axes=(0, 0, 0, 0, 0, None)))
 
+    def _batches(self, e):
+        return np.stack(
+            [
+                np.random.RandomState([s, e + 1])
+                .permutation(self.n_train)[: self.n_batches * self.batch]
+                .reshape(self.n_batches, self.batch)
+                for s in self.seeds
+            ]
+        ).astype(np.int32)
+
     def compile(self):
-        shapes = jax.eval_shape(self._init, *self.args)
+        shapes = jax.eval_shape(self._state_shapes, *self.args, self.params0)
         self._blank = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-        self._epoch_c = self._epoch.lower(*self.args, *shapes, 0).compile()
+        self._epoch_c = self._epoch.lower(
+            *self.args, self.params0, shapes, self._batches(0), True
+        ).compile()
 
     def run(self, bar):
-        params, state = self._blank
+        params, state = self.params0, self._blank
         history, lr_hist = [], []
         for e in range(self.epochs):
-            params, state, metrics, lr_steps = self._epoch_c(*self.args, params, state, e)
+            params, state, metrics, lr_steps = self._epoch_c(
+                *self.args, params, state, self._batches(e), e == 0
+            )
             history.append([np.asarray(m) for m in metrics])
             lr_hist.append(np.asarray(lr_steps))
             bar.update(self.weight)
@@ -193,7 +218,7 @@ def digits_fullbatch(jobs, steps, x, y):
 
     def population(factory):
         def train(lr0, beta):
-            params = _common.dense_mlp_init(jax.random.key(0), sizes, zero_linear=True)
+            params = jax.tree.map(jnp.asarray, init_params(sizes, 0))  # zeros
             tx = factory(lr0, beta)
 
             def step(carry, _):
@@ -337,7 +362,7 @@ def _legend_outside(fig, axes):
     )
 
 
-def plot_curves(results, lrs, models, methods, path):
+def plot_curves(results, lrs, models, methods, path, data_name="MNIST-5k"):
     """Grid: validation loss per epoch, one panel per (model, initial rate)."""
     plt = _common.pyplot()
     fig, axes = plt.subplots(
@@ -373,7 +398,7 @@ def plot_curves(results, lrs, models, methods, path):
             if c == 0:
                 ax.set_ylabel("validation loss (nats)")
     fig.suptitle(
-        "MNIST-5k: validation loss; dotted = base, solid = hypergradient (default rule), "
+        f"{data_name}: validation loss; dotted = base, solid = hypergradient (default rule), "
         "dashed = learning-rate free",
         fontsize=10,
     )
@@ -411,15 +436,18 @@ def plot_lr(results, lrs, models, path, steps_per_epoch):
     plt.close(fig)
 
 
+FLOOR = 1e-8  # plotted losses are clipped here (full-batch digits reaches 0 in float32)
+
+
 def plot_sweep(finals, lrs_of, betas, scores, default, path):
-    """Sweep: final loss vs initial rate per beta, per problem and family; score vs beta."""
+    """Sweep: final loss vs initial rate per beta, per problem and family; score per beta."""
     plt = _common.pyplot()
     problems = list(finals)
     families = list(next(iter(finals.values())))
     fig, axes = plt.subplots(
         len(problems),
         len(families) + 1,
-        figsize=(3.3 * (len(families) + 1), 2.8 * len(problems)),
+        figsize=(3.3 * (len(families) + 1), 3.0 * len(problems)),
         squeeze=False,
     )
     shades = plt.cm.plasma(np.linspace(0.1, 0.85, len(betas)))
@@ -427,11 +455,11 @@ def plot_sweep(finals, lrs_of, betas, scores, default, path):
         lrs = lrs_of[problem]
         for c, family in enumerate(families):
             ax = axes[r, c]
-            table = finals[problem][family]
+            table = np.maximum(finals[problem][family], FLOOR)
             base = FAMILIES[family][1]
             ax.plot(lrs, table[:, 0], "o:", color=_common.color(base), label="beta = 0 (base)")
             for j, beta in enumerate(betas):
-                lw = 2.2 if beta == default else 1.0
+                lw = 2.4 if beta == default else 1.0
                 ax.plot(
                     lrs, table[:, j + 1], ".-", color=shades[j], lw=lw, label=f"beta = {beta:g}"
                 )
@@ -440,34 +468,48 @@ def plot_sweep(finals, lrs_of, betas, scores, default, path):
                 color=_common.color("fixed"),
                 ls="-.",
                 lw=0.8,
-                label="best fixed rate",
+                label="best fixed rate (beta = 0)",
             )
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{problem}: {family}", fontsize=9)
             ax.set_xlabel("initial learning rate")
             if c == 0:
-                ax.set_ylabel("final loss (nats)")
+                ax.set_ylabel(f"final loss (nats, >= {FLOOR:g})")
         axes[r, -1].axis("off")
+    # score panel (top right): worst gap per beta; the median printed on the bars
     ax = axes[0, -1]
     ax.axis("on")
-    worst = [min(s["worst_gap"], 1e3) for s in scores]
-    ax.plot(betas, worst, "o-", color="k", label="worst gap")
-    ax.plot(betas, [s["median_gap"] for s in scores], "s--", color="0.5", label="median gap")
-    ax.axvline(default, color=_common.color("hd-adam"), lw=1, label=f"default {default:g}")
-    ax.set_xscale("log")
-    ax.set_yscale("symlog", linthresh=1e-2)
-    ax.set_xlabel("beta (hyper_lr)")
-    ax.set_ylabel("final loss - best fixed (nats)")
-    ax.set_title("score over all problems and rates", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    pos = np.arange(len(betas))
+    worst = np.array([s["worst_gap"] for s in scores])
+    shown = np.clip(worst, 1e-3, 1e3)
+    ax.bar(pos, shown, color=shades, edgecolor=["k" if b == default else "none" for b in betas])
+    for p, w in zip(pos, worst, strict=True):
+        text = "diverged" if not np.isfinite(w) or w > 1e3 else f"{w:.2g}"
+        ax.text(p, min(max(w, 1e-3), 1e3) * 1.3, text, ha="center", fontsize=7)
+    ax.set_xticks(
+        pos,
+        [
+            f"{b:g}{' *' if b == default else ''}\nmedian\n{s['median_gap']:+.1g}"
+            for b, s in zip(betas, scores, strict=True)
+        ],
+        fontsize=7,
+    )
+    ax.set_yscale("log")
+    ax.set_ylim(1e-3, 1e4)
+    ax.set_xlabel("beta (hyper_lr; * = default)")
+    ax.set_ylabel("worst final loss - best fixed (nats)")
+    ax.set_title("score: worst gap over all cells", fontsize=9)
+    # legend in the empty panel below the score
+    if len(problems) > 1:
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        axes[1, -1].legend(handles, labels, loc="center", fontsize=8, frameon=False)
+    else:
+        _legend_outside(fig, axes[:1, :1])
     fig.suptitle(
         "Multiplicative hypergradient rule: final loss by beta (bold: the default)", fontsize=10
     )
-    _legend_outside(fig, axes[:1, :1])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _common.save_figure(fig, path, dpi=110)
 
 
 def plot_lagged(curves, lrs, path):
@@ -478,7 +520,7 @@ def plot_lagged(curves, lrs, path):
     for i in range(len(lrs)):
         for name, style in (("HD-Adam", "-"), ("HD-Adam (lagged)", "--"), ("Adam", ":")):
             loss, lr = curves[name]
-            ax1.plot(loss[i], style, color=shades[i], lw=1.2)
+            ax1.plot(np.maximum(loss[i], FLOOR), style, color=shades[i], lw=1.2)
             if name != "Adam":
                 ax2.plot(np.arange(1, lr.shape[1] + 1), lr[i], style, color=shades[i], lw=1.2)
     for name, style in (("HD-Adam", "-"), ("HD-Adam (lagged)", "--"), ("Adam", ":")):
@@ -487,7 +529,7 @@ def plot_lagged(curves, lrs, path):
         ax1.plot([], [], color=shades[i], lw=3, label=f"lr0 = {lr0:g}")
     ax1.set_yscale("log")
     ax1.set_xlabel("step")
-    ax1.set_ylabel("training loss (nats)")
+    ax1.set_ylabel(f"training loss (nats, >= {FLOOR:g})")
     ax1.set_title("digits, full-batch logistic regression", fontsize=9)
     ax2.set_yscale("log")
     ax2.set_xlabel("step")
@@ -643,6 +685,7 @@ def main(argv=None):
     else:
         data = _common.load_mnist5k(seed=0)
     n_in = data.x_train.shape[1]
+    data_name = "digits (smoke)" if args.smoke else "MNIST-5k"
     out = _common.results_dir(args)
     t_start = time.perf_counter()
     default = float(bilevel.DEFAULT_HYPER_LR)
@@ -756,7 +799,7 @@ def main(argv=None):
     # ---- sweep: finals[problem][family] = (n_lr, 1 + n_beta)
     finals, lrs_of = {}, {}
     for model, per_family in sweep.items():
-        problem = f"MNIST {model}"
+        problem = f"{data_name} {model}"
         lrs_of[problem] = args.lrs
         finals[problem] = {
             family: res["val_loss"][:, -1].reshape(len(args.lrs), 1 + len(betas), n_seeds).mean(-1)
@@ -805,7 +848,9 @@ def main(argv=None):
 
     # ---- outputs
     steps_per_epoch = data.x_train.shape[0] // args.batch
-    plot_curves(results, args.lrs, list(results), args.methods, out / "val_loss_curves.png")
+    plot_curves(
+        results, args.lrs, list(results), args.methods, out / "val_loss_curves.png", data_name
+    )
     plot_lr(results, args.lrs, list(results), out / "learning_rates.png", steps_per_epoch)
     plot_sweep(finals, lrs_of, betas, scores, default, out / "sweep.png")
     plot_lagged(lagged_curves, args.digits_lrs, out / "lagged.png")
@@ -834,7 +879,7 @@ def main(argv=None):
     _common.print_table(
         rows,
         ["model", "method", "lr0", "final_val_loss", "best_val_loss", "final_test_acc", "final_lr"],
-        title=f"1. MNIST-5k, {args.epochs} epochs, mean over {n_seeds} seed(s); HD-* use the "
+        title=f"1. {data_name}, {args.epochs} epochs, mean over {n_seeds} seed(s); HD-* use the "
         f"defaults (multiplicative, hyper_lr={default:g}); best = epoch of lowest val. loss",
     )
     if compare:
@@ -850,7 +895,7 @@ def main(argv=None):
         title=f"3. digits, full-batch logistic regression, {args.digits_steps} steps: final "
         "training loss of Adam, hd_adam (defaults) and hd_adam(lagged=True)",
     )
-    summary = summary_rows(args, default, best, scores, compare, lagged_rows, finals)
+    summary = summary_rows(args, default, best, scores, compare, lagged_rows, finals, data_name)
     _common.print_table(summary, ["what", "result", "target"], title="Summary")
     _common.write_summary(
         out, NAME, summary, seconds=time.perf_counter() - t_start, smoke=args.smoke
@@ -865,7 +910,7 @@ def main(argv=None):
     }
 
 
-def summary_rows(args, default, best, scores, compare, lagged_rows, finals):
+def summary_rows(args, default, best, scores, compare, lagged_rows, finals, data_name):
     """The headline rows of ``summary.json``."""
     by_beta = {s["beta"]: s for s in scores}
     others = "; ".join(
@@ -885,7 +930,7 @@ def summary_rows(args, default, best, scores, compare, lagged_rows, finals):
     for c in compare:
         rows.append(
             {
-                "what": f"{c['method']} (defaults) vs base at the same lr0, MNIST-5k {c['model']}, "
+                "what": f"{c['method']} (defaults) vs base at the same lr0, {data_name} {c['model']}, "
                 f"{args.epochs} epochs, final val. loss",
                 "result": f"better at {c['hd_better_at']}; HD {c['hd_val_loss_range']} vs base "
                 f"{c['base_val_loss_range']}",
