@@ -17,7 +17,13 @@ from bilevel._bilevel import (
 from bilevel._borep import BOREP, BOREPMemory
 from bilevel._checkpoint import latest_step, restore_checkpoint, save_checkpoint
 from bilevel._fit import fit
-from bilevel._hd import HypergradientLRState, hd_adam, hd_sgd, hypergradient_lr
+from bilevel._hd import (
+    DEFAULT_HYPER_LR,
+    HypergradientLRState,
+    hd_adam,
+    hd_sgd,
+    hypergradient_lr,
+)
 from bilevel._hyper_adapt import HyperAdaptState, hyper_adapt
 from bilevel._maid import MAID, MAIDEstimates, MAIDState
 from bilevel._outer import NormalizedMomentumState, normalized_momentum
@@ -28,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BOREP",
     "BOREPMemory",
+    "DEFAULT_HYPER_LR",
     "BilevelOptimizer",
     "BilevelState",
     "Forward",

@@ -6,6 +6,8 @@ Hypergradient Descent", ICLR 2018, https://arxiv.org/abs/1703.04782.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -16,23 +18,35 @@ import optax
 import solvers
 from solvers import checks
 
-__all__ = ["HypergradientLRState", "hd_adam", "hd_sgd", "hypergradient_lr"]
+__all__ = [
+    "DEFAULT_HYPER_LR",
+    "HypergradientLRState",
+    "hd_adam",
+    "hd_sgd",
+    "hypergradient_lr",
+]
 
 
 class HypergradientLRState(NamedTuple):
-    """State of :func:`hypergradient_lr`.
+    r"""State of :func:`hypergradient_lr`, :func:`hd_adam` and :func:`hd_sgd`.
 
     Attributes:
       count: number of ``update`` calls (skipped ones included), int32, saturating.
-      learning_rate: the current learning rate :math:`\\alpha_t`; a scalar, or with
+      learning_rate: the current learning rate :math:`\alpha_t`; a scalar, or with
         ``per_leaf=True`` a pytree of scalars shaped like the parameters. Stored in the widest
         floating dtype of the parameters, at least float32.
-      prev_direction: the previous direction :math:`d_{t-1}` (zeros before the first step).
+      prev_direction: the previous direction :math:`d_{t-1}` (zeros before the first step), or
+        ``None`` when :math:`d_{t-1}` is recomputed from ``inner_state`` (:func:`hd_adam`
+        without Nesterov, heavy-ball :func:`hd_sgd`), which then holds everything.
       skipped: number of steps that were not applied because something they produced was not
         finite, int32, saturating; such a step changed nothing but ``count`` and ``skipped``.
       inner_state: the state of the wrapped direction transformation.
       schedule_value: the value :math:`s(t)` of the learning-rate schedule at the last applied
         step (the constant initial rate when ``learning_rate`` is a number).
+      pending: ``lagged=True`` only (else ``None``): the hypergradient signal measured at the
+        last applied step, :math:`\langle g_t, d_{t-1}\rangle` (additive rule) or
+        :math:`\cos(g_t, d_{t-1})` (multiplicative rule), applied to the rate of the next step;
+        shaped like ``learning_rate``.
     """
 
     count: jax.Array
@@ -41,6 +55,7 @@ class HypergradientLRState(NamedTuple):
     skipped: jax.Array
     inner_state: optax.OptState
     schedule_value: jax.Array
+    pending: Any = None
 
 
 # ----------------------------------------------------------------------------- validation
@@ -140,15 +155,35 @@ def _hypergradient_stats(a, b, sentinels, dtype, multiplicative):
     return dot, sq_a, sq_b
 
 
-def _hd_rate(lr, beta, dot, sq_a, sq_b, multiplicative):
-    """The hypergradient-descent candidate for the learning rate (before schedule and clip)."""
+def _signal(dot, sq_a, sq_b, multiplicative):
+    """``<a, b>`` (additive rule) or ``cos(a, b)`` clipped to [-1, 1], 0 when a norm is 0 or
+    overflows (multiplicative rule)."""
     if not multiplicative:
-        return lr + beta * dot
-    # lr * (1 + beta * cos); lr unchanged when a norm is 0 (or overflows).
+        return dot
     denom = jnp.sqrt(sq_a) * jnp.sqrt(sq_b)
     usable = (denom > 0) & jnp.isfinite(denom)
     cos = jnp.where(usable, dot / jnp.where(usable, denom, 1), 0)
-    return lr * (1 + beta * jnp.clip(cos, -1, 1))
+    return jnp.clip(cos, -1, 1)
+
+
+def _apply_signal(lr, beta, signal, multiplicative):
+    """``lr + beta * signal`` or ``lr * (1 + beta * signal)`` (before schedule and clip)."""
+    if not multiplicative:
+        return lr + beta * signal
+    return lr * (1 + beta * signal)
+
+
+def _hd_rate(lr, beta, dot, sq_a, sq_b, multiplicative):
+    """The hypergradient-descent candidate for the learning rate (before schedule and clip)."""
+    return _apply_signal(lr, beta, _signal(dot, sq_a, sq_b, multiplicative), multiplicative)
+
+
+def _rate_groups(learning_rate, per_leaf):
+    """The rates as a list, their treedef (None: one global rate), the leaf groups, a flattener."""
+    if per_leaf:
+        rates, treedef = jax.tree.flatten(learning_rate)
+        return rates, treedef, [[i] for i in range(len(rates))], treedef.flatten_up_to
+    return [learning_rate], None, None, jax.tree.leaves
 
 
 def _follow_schedule(rate, s_prev, s_now):
@@ -269,43 +304,14 @@ def hypergradient_lr(
         raise TypeError(
             f"direction must be an optax.GradientTransformation, got {type(direction).__name__}"
         )
-    schedule = learning_rate if callable(learning_rate) else None
-    if schedule is not None:
-        lr0 = _check_nonnegative("learning_rate(0)", schedule(0))
-    else:
-        lr0 = _check_nonnegative("learning_rate", learning_rate)
-    _check_nonnegative("hyper_lr", hyper_lr)
-    lr_bounds = _check_bounds("lr_bounds", lr_bounds)
-    if schedule is None and lr0 is not None and lr_bounds is not None:
-        lo, hi = lr_bounds
-        if (lo is not None and lr0 < lo) or (hi is not None and lr0 > hi):
-            raise ValueError(
-                f"learning_rate={lr0} lies outside lr_bounds={lr_bounds}; it would be clipped "
-                "before the first step: pass a learning_rate within lr_bounds"
-            )
-    if multiplicative and schedule is None and lr0 == 0:
-        raise ValueError("a multiplicative rule cannot move a learning rate of 0")
+    schedule, lr_bounds = _check_rule(learning_rate, hyper_lr, multiplicative, lr_bounds)
     direction = optax.with_extra_args_support(direction)
 
     def schedule_value(count):
         return schedule(count) if schedule is not None else learning_rate
 
     def init_fn(params):
-        dtype = _lr_dtype(params)
-        s0 = jnp.asarray(schedule_value(0), dtype)
-        if s0.shape != ():
-            raise ValueError(f"learning_rate must be a scalar, got shape {s0.shape}")
-        lr = _positive_clip(s0, lr_bounds)
-        if per_leaf:
-            lr = jax.tree.map(lambda _: lr, params)
-        return HypergradientLRState(
-            count=jnp.zeros([], jnp.int32),
-            learning_rate=lr,
-            prev_direction=optax.tree.zeros_like(params),
-            skipped=jnp.zeros([], jnp.int32),
-            inner_state=direction.init(params),
-            schedule_value=s0,
-        )
+        return _init_state(params, schedule_value(0), lr_bounds, per_leaf, direction, True)
 
     def update_fn(updates, state, params=None, *, hyper_grads=None, **extra_args):
         grads = updates
@@ -321,14 +327,7 @@ def hypergradient_lr(
 
         # alpha_t from <g_t, d_{t-1}>, applied to this step's direction d_t. The same pass
         # yields the finiteness flag of the gradient(s) and of d_t.
-        if per_leaf:
-            rates, treedef = jax.tree.flatten(state.learning_rate)
-            groups = [[i] for i in range(len(rates))]
-            flat = treedef.flatten_up_to
-        else:
-            rates, treedef = [state.learning_rate], None
-            groups = None
-            flat = jax.tree.leaves
+        rates, treedef, groups, flat = _rate_groups(state.learning_rate, per_leaf)
         a, b, d = flat(source), flat(state.prev_direction), flat(new_direction)
         sentinels = [d] if hyper_grads is None else [d, flat(grads)]
         groups = groups or [list(range(len(a)))]
@@ -357,15 +356,7 @@ def hypergradient_lr(
         )
         lr, prev, inner_state, s = guarded.value
         ok = guarded.applied
-
-        def step(rate, d):
-            return jnp.where(ok, -rate * d, 0).astype(d.dtype)
-
-        if per_leaf:
-            new_updates = jax.tree.map(step, lr, new_direction)
-        else:
-            new_updates = jax.tree.map(lambda d: step(lr, d), new_direction)
-        return new_updates, HypergradientLRState(
+        return _scaled(lr, new_direction, per_leaf, lambda rate, d: ok), HypergradientLRState(
             count=optax.safe_increment(state.count),
             learning_rate=lr,
             prev_direction=prev,
@@ -377,16 +368,309 @@ def hypergradient_lr(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def hd_sgd(
+def _check_rule(learning_rate, hyper_lr, multiplicative, lr_bounds):
+    """Validate the static arguments shared by every variant; returns (schedule, lr_bounds)."""
+    schedule = learning_rate if callable(learning_rate) else None
+    if schedule is not None:
+        lr0 = _check_nonnegative("learning_rate(0)", schedule(0))
+    else:
+        lr0 = _check_nonnegative("learning_rate", learning_rate)
+    _check_nonnegative("hyper_lr", hyper_lr)
+    lr_bounds = _check_bounds("lr_bounds", lr_bounds)
+    if schedule is None and lr0 is not None and lr_bounds is not None:
+        lo, hi = lr_bounds
+        if (lo is not None and lr0 < lo) or (hi is not None and lr0 > hi):
+            raise ValueError(
+                f"learning_rate={lr0} lies outside lr_bounds={lr_bounds}; it would be clipped "
+                "before the first step: pass a learning_rate within lr_bounds"
+            )
+    if multiplicative and schedule is None and lr0 == 0:
+        raise ValueError("a multiplicative rule cannot move a learning rate of 0")
+    return schedule, lr_bounds
+
+
+def _init_state(params, s0, lr_bounds, per_leaf, direction, store_direction):
+    """The initial :class:`HypergradientLRState` (``prev_direction`` zeros or ``None``)."""
+    dtype = _lr_dtype(params)
+    s0 = jnp.asarray(s0, dtype)
+    if s0.shape != ():
+        raise ValueError(f"learning_rate must be a scalar, got shape {s0.shape}")
+    lr = _positive_clip(s0, lr_bounds)
+    if per_leaf:
+        lr = jax.tree.map(lambda _: lr, params)
+    return HypergradientLRState(
+        count=jnp.zeros([], jnp.int32),
+        learning_rate=lr,
+        prev_direction=optax.tree.zeros_like(params) if store_direction else None,
+        skipped=jnp.zeros([], jnp.int32),
+        inner_state=direction.init(params),
+        schedule_value=s0,
+    )
+
+
+def _scaled(lr, direction, per_leaf, keep):
+    """``-rate * d`` per leaf where ``keep(rate, d)`` holds, else 0, in the dtype of ``d``."""
+
+    def step(rate, d):
+        return jnp.where(keep(rate, d), -rate * d, 0).astype(d.dtype)
+
+    if per_leaf:
+        return jax.tree.map(step, lr, direction)
+    return jax.tree.map(lambda d: step(lr, d), direction)
+
+
+# ----------------------------------------------------------------------------- recomputed d_{t-1}
+
+#: Default hypergradient step size :math:`\beta` of the multiplicative rule of :func:`hd_adam`
+#: and :func:`hd_sgd` (chosen by ``python -m experiments.hd_optimizers``'s sweep section).
+DEFAULT_HYPER_LR = 0.1
+
+
+class _Recomputable(NamedTuple):
+    """An Optax direction whose previous output is a function of its own state.
+
+    Attributes:
+      transform: the Optax direction (``optax.scale_by_adam``, ``optax.trace``).
+      previous: ``previous(inner_state)``: :math:`d_{t-1}` recomputed from the state (zeros
+        before the first step), a tree shaped like the parameters.
+      moments: ``moments(inner_state)``: the state's parameter-shaped trees.
+      replace: ``replace(inner_state, trees)``: the state with those trees replaced.
+    """
+
+    transform: optax.GradientTransformation
+    previous: Callable[[Any], Any]
+    moments: Callable[[Any], list]
+    replace: Callable[[Any, list], Any]
+
+
+def _adam_direction(b1, b2, eps, eps_root, mu_dtype) -> _Recomputable:
+    r"""Adam: :math:`d_{t-1} = \hat m_{t-1} / (\sqrt{\hat v_{t-1} + \epsilon_{root}} + \epsilon)`
+    with the bias corrections of step :math:`t-1`, the operations of
+    :func:`optax.scale_by_adam` (the first moment read as stored, i.e. rounded to
+    ``mu_dtype``)."""
+
+    def previous(state):
+        started = state.count > 0
+        count = jnp.maximum(state.count, 1)  # no 0/0 before the first step (nor under jax.grad)
+        mu = jax.tree.map(
+            lambda m, v: m.astype(jnp.promote_types(m.dtype, v.dtype)), state.mu, state.nu
+        )
+        mu_hat = optax.tree.bias_correction(mu, b1, count)
+        nu_hat = optax.tree.bias_correction(state.nu, b2, count)
+
+        def leaf(m, v, nu):
+            return jnp.where(started, m / (jnp.sqrt(v + eps_root) + eps), 0).astype(nu.dtype)
+
+        return jax.tree.map(leaf, mu_hat, nu_hat, state.nu)
+
+    return _Recomputable(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
+        previous,
+        lambda state: [state.mu, state.nu],
+        lambda state, trees: state._replace(mu=trees[0], nu=trees[1]),
+    )
+
+
+def _heavy_ball_direction(momentum, accumulator_dtype) -> _Recomputable:
+    r"""Heavy ball: :math:`d_{t-1} = v_{t-1}`, the stored trace (as stored, i.e. rounded to
+    ``accumulator_dtype``)."""
+    return _Recomputable(
+        optax.trace(decay=momentum, nesterov=False, accumulator_dtype=accumulator_dtype),
+        lambda state: state.trace,
+        lambda state: [state.trace],
+        lambda state, trees: state._replace(trace=trees[0]),
+    )
+
+
+def _recomputed_hd(
+    kind: _Recomputable,
     learning_rate: optax.ScalarOrSchedule,
     hyper_lr: jax.typing.ArrayLike,
+    multiplicative: bool,
+    *,
+    per_leaf: bool,
+    lr_bounds: tuple[float | None, float | None] | None,
+    lagged: bool,
+) -> optax.GradientTransformationExtraArgs:
+    r""":func:`hypergradient_lr` around ``kind.transform`` with :math:`d_{t-1}` recomputed from
+    the direction's state instead of stored, or the one-step-lagged rule.
+
+    Exact rule: one fused reduction over the gradient and the stored moments gives
+    :math:`\langle g_t, d_{t-1}\rangle` (and the norms), with ``0 * z`` terms for the new
+    direction and moments so that it is non-finite exactly when the step produced a NaN or inf;
+    the elementwise update then runs with the new rate. Lagged rule: the rate of step :math:`t`
+    comes from the statistic of step :math:`t-1` (``state.pending``), so the elementwise update
+    does not wait for a reduction, and the finiteness test acts per entry within it.
+    """
+    schedule, lr_bounds = _check_rule(learning_rate, hyper_lr, multiplicative, lr_bounds)
+    transform = kind.transform
+
+    def schedule_value(count):
+        return schedule(count) if schedule is not None else learning_rate
+
+    def init_fn(params):
+        state = _init_state(params, schedule_value(0), lr_bounds, per_leaf, transform, False)
+        if lagged:
+            state = state._replace(pending=jax.tree.map(jnp.zeros_like, state.learning_rate))
+        return state
+
+    def update_fn(updates, state, params=None, *, hyper_grads=None, **extra_args):
+        del extra_args  # scale_by_adam and trace take none
+        grads = updates
+        source = grads if hyper_grads is None else hyper_grads
+        s_prev = state.schedule_value
+        dtype = s_prev.dtype
+        s_now = jnp.asarray(schedule_value(state.count), dtype)
+        beta = jnp.asarray(hyper_lr, dtype)
+
+        previous = kind.previous(state.inner_state)
+        new_direction, inner_state = transform.update(grads, state.inner_state, params)
+        new_moments = kind.moments(inner_state)
+
+        # one reduction per rate: <a, d_{t-1}> (+ norms), non-finite iff something is
+        rates, treedef, groups, flat = _rate_groups(state.learning_rate, per_leaf)
+        a, b = flat(source), flat(previous)
+        sentinels = [flat(new_direction), *(flat(m) for m in new_moments)]
+        if hyper_grads is not None:
+            sentinels.append(flat(grads))
+        groups = groups or [list(range(len(a)))]
+        signals, total = [], jnp.zeros((), dtype)
+        for group in groups:
+            pick = lambda leaves, group=group: [leaves[i] for i in group]
+            dot, sq_a, sq_b = _hypergradient_stats(
+                pick(a), pick(b), [pick(z) for z in sentinels], dtype, multiplicative
+            )
+            signals.append(_signal(dot, sq_a, sq_b, multiplicative))
+            total = total + dot
+
+        def tree(values):
+            return values[0] if treedef is None else jax.tree.unflatten(treedef, values)
+
+        def rate_from(lr, signal):
+            rate = _apply_signal(lr, beta, signal, multiplicative)
+            return _positive_clip(_follow_schedule(rate, s_prev, s_now), lr_bounds)
+
+        if not lagged:
+            candidates = [rate_from(lr, sig) for lr, sig in zip(rates, signals, strict=True)]
+            finite = jnp.isfinite(total) & jnp.all(jnp.isfinite(jnp.stack(candidates)))
+            guarded = solvers.guard(
+                (state.learning_rate, state.inner_state, s_prev),
+                (tree(candidates), inner_state, s_now),
+                state.skipped,
+                finite=finite,
+            )
+            lr, inner_state, s = guarded.value
+            ok = guarded.applied
+            new_updates = _scaled(lr, new_direction, per_leaf, lambda rate, d: ok)
+            pending = None
+        else:
+            pending_prev = _rate_groups(state.pending, per_leaf)[0]
+            used = [rate_from(lr, sig) for lr, sig in zip(rates, pending_prev, strict=True)]
+            used_ok = jnp.all(jnp.isfinite(jnp.stack(used)))
+            finite = jnp.isfinite(total) & used_ok & jnp.all(jnp.isfinite(jnp.stack(signals)))
+            # the per-entry test runs in the elementwise pass of the update itself
+            entry_ok = jax.tree.map(
+                lambda *xs: functools.reduce(jnp.logical_and, map(jnp.isfinite, xs)) & used_ok,
+                grads,
+                new_direction,
+                *new_moments,
+            )
+            moments = [
+                jax.tree.map(jnp.where, entry_ok, new, old)
+                for new, old in zip(new_moments, kind.moments(state.inner_state), strict=True)
+            ]
+            guarded = solvers.guard(
+                (
+                    state.learning_rate,
+                    state.pending,
+                    kind.replace(state.inner_state, moments),
+                    s_prev,
+                ),
+                (tree(used), tree(signals), kind.replace(inner_state, moments), s_now),
+                state.skipped,
+                finite=finite,
+            )
+            lr, pending, inner_state, s = guarded.value
+            if per_leaf:
+                new_updates = jax.tree.map(
+                    lambda rate, d, ok: jnp.where(ok, -rate * d, 0).astype(d.dtype),
+                    tree(used),
+                    new_direction,
+                    entry_ok,
+                )
+            else:
+                new_updates = jax.tree.map(
+                    lambda d, ok: jnp.where(ok, -used[0] * d, 0).astype(d.dtype),
+                    new_direction,
+                    entry_ok,
+                )
+        return new_updates, HypergradientLRState(
+            count=optax.safe_increment(state.count),
+            learning_rate=lr,
+            prev_direction=None,
+            skipped=guarded.skipped,
+            inner_state=inner_state,
+            schedule_value=s,
+            pending=pending,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _resolve_rule(hyper_lr, multiplicative, lagged, recomputable, factory):
+    """``(hyper_lr, multiplicative)`` after defaults; refuses combinations that cannot work."""
+    if multiplicative is None:
+        multiplicative = hyper_lr is None
+    if hyper_lr is None:
+        if not multiplicative:
+            raise ValueError(
+                f"{factory}(..., multiplicative=False) needs a hyper_lr: the additive rule's "
+                "step size has the units of 1 / (gradient x direction) and no default; pass "
+                "hyper_lr=..., or drop multiplicative=False to use the scale-free "
+                f"multiplicative rule (hyper_lr={DEFAULT_HYPER_LR} by default)"
+            )
+        hyper_lr = DEFAULT_HYPER_LR
+    if lagged and not recomputable:
+        raise ValueError(
+            f"lagged=True needs a direction recomputed from the optimizer state: {factory} "
+            "without nesterov" + (" and with a momentum" if factory == "hd_sgd" else "")
+        )
+    return hyper_lr, bool(multiplicative)
+
+
+# ----------------------------------------------------------------------------- drop-ins
+
+
+_DEFAULT_DOC = """
+    Default rule (``hyper_lr`` and ``multiplicative`` left unset): the multiplicative rule with
+    :math:`\\beta` = :data:`DEFAULT_HYPER_LR`,
+
+    .. math::
+
+      \\alpha_t = \\Pi\\big(\\alpha_{t-1}\\,(1 + \\beta \\cos(g_t, d_{t-1}))\\big),
+
+    which is scale-free: :math:`\\cos` does not depend on the units of the loss, the
+    parameters or the rate, so one :math:`\\beta` serves every initial rate and model (a rate
+    changes by at most a factor :math:`1 \\pm \\beta` per step). Override it with
+    ``hyper_lr=beta, multiplicative=True``. Passing ``hyper_lr`` alone selects the additive rule
+    :math:`\\alpha_t = \\Pi(\\alpha_{t-1} + \\beta \\langle g_t, d_{t-1} \\rangle)` of the paper
+    (whose :math:`\\beta` has units and must be tuned), as in earlier versions;
+    ``multiplicative=False`` without ``hyper_lr`` is an error.
+
+"""
+
+
+def hd_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    hyper_lr: jax.typing.ArrayLike | None = None,
     momentum: jax.typing.ArrayLike | None = None,
     nesterov: bool = False,
-    multiplicative: bool = False,
+    multiplicative: bool | None = None,
     *,
     per_leaf: bool = False,
     lr_bounds: tuple[float | None, float | None] | None = None,
     accumulator_dtype: Any | None = None,
+    lagged: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD (plain, heavy-ball or Nesterov) with a hypergradient-descent learning rate (SGD-HD).
 
@@ -398,31 +682,46 @@ def hd_sgd(
       v_t = \mu v_{t-1} + g_t,\ d_t = v_t \ \text{(heavy ball)}, \quad
       v_t = \mu v_{t-1} + g_t,\ d_t = g_t + \mu v_t \ \text{(Nesterov)},
 
-    and :math:`\alpha_t = \Pi(\alpha_{t-1} + \beta\langle g_t, d_{t-1}\rangle)`,
+    :math:`\alpha_t` from :math:`\langle g_t, d_{t-1}\rangle` (rules below) and
     :math:`u_t = -\alpha_t d_t`, where :math:`\Pi` keeps the rate positive and within
-    ``lr_bounds``. See :func:`hypergradient_lr` for the multiplicative rule, schedules, the
-    per-leaf rates, the validation-gradient mode and non-finite steps (zero update, whole state
-    kept, ``state.skipped`` counts them).
+    ``lr_bounds``. See :func:`hypergradient_lr` for schedules, the per-leaf rates, the
+    validation-gradient mode and non-finite steps (zero update, whole state kept,
+    ``state.skipped`` counts them).
+    {default}
+    Cost: the heavy-ball direction :math:`d_{t-1} = v_{t-1}` is the momentum buffer itself,
+    so no copy of it is stored (state: one array per parameter, as :func:`optax.sgd`); plain
+    SGD and Nesterov need :math:`g_{t-1}` and store it in ``state.prev_direction``.
+    ``lagged=True`` (heavy ball only) is the one-step-lagged rule of :func:`hd_adam`.
 
     Args:
       learning_rate: initial learning rate :math:`\alpha_0`, or a schedule.
-      hyper_lr: hypergradient step size :math:`\beta` (the paper uses ``1e-3`` on MNIST).
+      hyper_lr: hypergradient step size :math:`\beta`: ``None`` for the default multiplicative
+        rule; a number alone selects the additive rule (the paper uses ``1e-3`` on MNIST).
       momentum: :math:`\mu \in [0, 1)`, or ``None`` (the default, as in :func:`optax.sgd`) for
         no momentum buffer; any number, ``0.0`` included, uses :func:`optax.trace`.
       nesterov: Nesterov momentum (SGDN-HD); needs a ``momentum``.
-      multiplicative: multiplicative rule (SGD-HDM).
+      multiplicative: the multiplicative rule (SGD-HDM); ``None``: multiplicative unless a
+        ``hyper_lr`` is given.
       per_leaf: one learning rate per parameter leaf.
       lr_bounds: optional ``(lo, hi)`` clipping of the learning rate.
-      accumulator_dtype: dtype of the momentum buffer (default: that of the parameters).
+      accumulator_dtype: dtype of the momentum buffer (default: that of the parameters); the
+        heavy-ball :math:`d_{t-1}` is read from the buffer as stored, i.e. rounded to it.
+      lagged: the one-step-lagged rule (see :func:`hd_adam`); heavy ball only.
 
     Returns:
-      A :class:`optax.GradientTransformationExtraArgs`; the current learning rate is
+      A :class:`optax.GradientTransformationExtraArgs` whose state is a
+      :class:`HypergradientLRState`; the current learning rate is
       ``optax.tree_utils.tree_get(state, "learning_rate")``.
+
+    Raises:
+      ValueError: ``nesterov`` without ``momentum``, ``lagged`` without a heavy-ball momentum,
+        ``multiplicative=False`` without ``hyper_lr``, or an invalid value (see
+        :func:`hypergradient_lr`).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, bilevel
       >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
-      >>> tx = bilevel.hd_sgd(1e-3, hyper_lr=1e-2)
+      >>> tx = bilevel.hd_sgd(1e-3)  # instead of optax.sgd(1e-3)
       >>> w = jnp.zeros(3)
       >>> state = tx.init(w)
       >>> for _ in range(100):
@@ -430,17 +729,30 @@ def hd_sgd(
       ...     w = optax.apply_updates(w, updates)
       >>> print(bool(loss(w) < 1e-3), optax.tree_utils.tree_get(state, "learning_rate") > 1e-3)
       True True
+      >>> additive = bilevel.hd_sgd(1e-3, hyper_lr=1e-2)  # the paper's additive rule
 
     References:
       Baydin et al., `Online Learning Rate Adaptation with Hypergradient Descent
-      <https://arxiv.org/abs/1703.04782>`_, ICLR 2018.
+      <https://arxiv.org/abs/1703.04782>`_, ICLR 2018 (additive and multiplicative rules).
     """
+    heavy_ball = momentum is not None and not nesterov
+    hyper_lr, multiplicative = _resolve_rule(hyper_lr, multiplicative, lagged, heavy_ball, "hd_sgd")
     if momentum is None:
         if nesterov:
             raise ValueError("nesterov=True needs a momentum (got momentum=None)")
         direction = optax.identity()
     else:
         _check_probability_like("momentum", momentum)
+        if heavy_ball:
+            return _recomputed_hd(
+                _heavy_ball_direction(momentum, accumulator_dtype),
+                learning_rate,
+                hyper_lr,
+                multiplicative,
+                per_leaf=per_leaf,
+                lr_bounds=lr_bounds,
+                lagged=lagged,
+            )
         direction = optax.trace(
             decay=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype
         )
@@ -456,17 +768,18 @@ def hd_sgd(
 
 def hd_adam(
     learning_rate: optax.ScalarOrSchedule,
-    hyper_lr: jax.typing.ArrayLike,
+    hyper_lr: jax.typing.ArrayLike | None = None,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
-    multiplicative: bool = False,
+    multiplicative: bool | None = None,
     *,
     eps_root: jax.typing.ArrayLike = 0.0,
     mu_dtype: Any | None = None,
     nesterov: bool = False,
     per_leaf: bool = False,
     lr_bounds: tuple[float | None, float | None] | None = None,
+    lagged: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam with a hypergradient-descent learning rate (Adam-HD); a drop-in for ``optax.adam``.
 
@@ -477,36 +790,69 @@ def hd_adam(
       m_t = b_1 m_{t-1} + (1-b_1) g_t,\quad v_t = b_2 v_{t-1} + (1-b_2) g_t^2,\quad
       d_t = \frac{m_t / (1-b_1^t)}{\sqrt{v_t / (1-b_2^t) + \epsilon_{root}} + \epsilon},
 
-    and :math:`\alpha_t = \Pi(\alpha_{t-1} + \beta\langle g_t, d_{t-1}\rangle)`,
+    :math:`\alpha_t` from :math:`\langle g_t, d_{t-1}\rangle` (rules below) and
     :math:`u_t = -\alpha_t d_t`, where :math:`\Pi` keeps the rate positive and within
-    ``lr_bounds``. See :func:`hypergradient_lr` for the multiplicative rule, schedules, the
-    per-leaf rates, the validation-gradient mode and non-finite steps: a NaN gradient, or a
-    second moment overflowing to inf, gives a zero update and keeps the whole previous state
-    (the moments included), counted in ``state.skipped``.
+    ``lr_bounds``. See :func:`hypergradient_lr` for schedules, the per-leaf rates, the
+    validation-gradient mode and non-finite steps: a NaN gradient, or a second moment
+    overflowing to inf, gives a zero update and keeps the whole previous state (the moments
+    included), counted in ``state.skipped``.
+    {default}
+    Cost: :math:`d_{t-1}` is recomputed from the moments :math:`m_{t-1}, v_{t-1}` that the
+    step reads anyway (with the bias corrections of step :math:`t-1`), so the state holds two
+    arrays per parameter, as :func:`optax.adam`; the exact rule adds one fused reduction over
+    :math:`g_t, m_{t-1}, v_{t-1}` before the elementwise update, since the update needs
+    :math:`\alpha_t`. With ``mu_dtype`` the first moment is read as stored (rounded to it).
+    ``nesterov=True`` (NAdam) needs :math:`g_{t-1}` and stores :math:`d_{t-1}` instead.
+
+    One-step-lagged rule (``lagged=True``), a different algorithm: the rate of step :math:`t`
+    comes from the hypergradient of step :math:`t-1`,
+
+    .. math::
+
+      \alpha_t = \Pi\big(\alpha_{t-1} (1 + \beta \cos(g_{t-1}, d_{t-2}))\big)
+      \ \text{(or the additive form)},
+
+    so the reduction that measures :math:`\langle g_t, d_{t-1}\rangle` (kept in
+    ``state.pending`` for the next step) no longer has to finish before the update: both can
+    run in Adam's single elementwise pass (a backend that fuses a reduction with elementwise
+    outputs, as XLA does on GPU, makes this step cost what Adam's does). The finiteness test
+    then acts per entry, in that pass: an entry whose gradient, direction or new moments are
+    not finite keeps its moments and gets a zero update; when any entry was not finite, the
+    learning rate, ``pending``, the schedule value and Adam's count are kept and
+    ``state.skipped`` counts the step (a NaN loss, which makes every entry NaN, gives exactly the
+    exact rule's skip).
 
     Args:
       learning_rate: initial learning rate :math:`\alpha_0`, or a schedule :math:`s` (then
         :math:`\alpha_t = s(t)\,c_t` with an adapted factor :math:`c_t`, :math:`c_0 = 1`).
-      hyper_lr: hypergradient step size :math:`\beta` (the paper uses ``1e-7`` on MNIST; the
-        hypergradient of Adam is larger than that of SGD because :math:`d_t` is normalized).
+      hyper_lr: hypergradient step size :math:`\beta`: ``None`` for the default multiplicative
+        rule; a number alone selects the additive rule (the paper uses ``1e-7`` on MNIST; its
+        scale depends on the model, the loss and the rate).
       b1: decay of the first moment.
       b2: decay of the second moment.
       eps: term added to the denominator.
-      multiplicative: multiplicative rule (Adam-HDM).
+      multiplicative: the multiplicative rule (Adam-HDM); ``None``: multiplicative unless a
+        ``hyper_lr`` is given.
       eps_root: term added inside the square root.
       mu_dtype: dtype of the first moment.
       nesterov: use the Nesterov (NAdam) direction of :func:`optax.scale_by_adam`.
       per_leaf: one learning rate per parameter leaf.
       lr_bounds: optional ``(lo, hi)`` clipping of the learning rate.
+      lagged: the one-step-lagged rule above (not with ``nesterov``).
 
     Returns:
-      A :class:`optax.GradientTransformationExtraArgs`; the current learning rate is
-      ``optax.tree_utils.tree_get(state, "learning_rate")``.
+      A :class:`optax.GradientTransformationExtraArgs` whose state is a
+      :class:`HypergradientLRState` (``inner_state`` is :func:`optax.scale_by_adam`'s); the
+      current learning rate is ``optax.tree_utils.tree_get(state, "learning_rate")``.
+
+    Raises:
+      ValueError: ``lagged`` with ``nesterov``, ``multiplicative=False`` without ``hyper_lr``,
+        ``b1`` or ``b2`` outside ``[0, 1)``, or an invalid value (see :func:`hypergradient_lr`).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, bilevel
       >>> loss = lambda w: jnp.sum((w - 1.0) ** 2)
-      >>> tx = bilevel.hd_adam(1e-3, hyper_lr=1e-3)  # instead of optax.adam(1e-3)
+      >>> tx = bilevel.hd_adam(1e-3)  # instead of optax.adam(1e-3)
       >>> w = jnp.zeros(3)
       >>> state = tx.init(w)
       >>> for _ in range(200):
@@ -514,17 +860,31 @@ def hd_adam(
       ...     w = optax.apply_updates(w, updates)
       >>> print(optax.tree_utils.tree_get(state, "learning_rate") > 1e-3)
       True
-      >>> warm = bilevel.hd_adam(optax.linear_schedule(0.0, 1e-2, 100), hyper_lr=1e-4)
+      >>> slower = bilevel.hd_adam(1e-3, hyper_lr=0.01, multiplicative=True)  # other beta
+      >>> warm = bilevel.hd_adam(optax.linear_schedule(0.0, 1e-2, 100))
 
     References:
       Baydin et al., `Online Learning Rate Adaptation with Hypergradient Descent
-      <https://arxiv.org/abs/1703.04782>`_, ICLR 2018; Kingma and Ba, `Adam
-      <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
+      <https://arxiv.org/abs/1703.04782>`_, ICLR 2018 (additive and multiplicative rules);
+      Kingma and Ba, `Adam <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
     """
+    hyper_lr, multiplicative = _resolve_rule(
+        hyper_lr, multiplicative, lagged, not nesterov, "hd_adam"
+    )
     _check_probability_like("b1", b1)
     _check_probability_like("b2", b2)
     _check_nonnegative("eps", eps)
     _check_nonnegative("eps_root", eps_root)
+    if not nesterov:
+        return _recomputed_hd(
+            _adam_direction(b1, b2, eps, eps_root, mu_dtype),
+            learning_rate,
+            hyper_lr,
+            multiplicative,
+            per_leaf=per_leaf,
+            lr_bounds=lr_bounds,
+            lagged=lagged,
+        )
     return hypergradient_lr(
         optax.scale_by_adam(
             b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov
@@ -535,3 +895,7 @@ def hd_adam(
         per_leaf=per_leaf,
         lr_bounds=lr_bounds,
     )
+
+
+hd_sgd.__doc__ = hd_sgd.__doc__.replace("    {default}\n", _DEFAULT_DOC)
+hd_adam.__doc__ = hd_adam.__doc__.replace("    {default}\n", _DEFAULT_DOC)

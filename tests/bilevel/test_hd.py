@@ -61,17 +61,19 @@ def np_hd(
     bounds=None,
     validation=False,
     steps=STEPS,
+    lagged=False,
 ):
     """Plain NumPy transcription of Baydin et al.'s equations on logistic regression.
 
     Parameters are the two leaves [w, b]. Returns per-step learning rates (steps x n_rates) and
-    parameters (steps x 6).
+    parameters (steps x 6). ``lagged``: the rate of step t from the signal of step t-1.
     """
     x, y = logreg_data(0)
     xv, yv = logreg_data(1)
     params = [np.zeros(x.shape[1]), np.zeros(())]
     n_rates = 2 if per_leaf else 1
     alpha = np.full(n_rates, lr0, dtype=np.float64)
+    pending = np.zeros(n_rates)
     d_prev = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
     m = [np.zeros_like(p) for p in params]
@@ -86,10 +88,15 @@ def np_hd(
             if multiplicative:
                 nh = np.sqrt(sum(np.sum(h[i] ** 2) for i in leaves))
                 nd = np.sqrt(sum(np.sum(d_prev[i] ** 2) for i in leaves))
-                if nh * nd > 0:
-                    alpha[k] = alpha[k] * (1 + beta * dot / (nh * nd))
+                signal = dot / (nh * nd) if nh * nd > 0 else 0.0
             else:
-                alpha[k] = alpha[k] + beta * dot
+                signal = dot
+            if lagged:  # this step's rate from the previous step's signal
+                signal, pending[k] = pending[k], signal
+            if multiplicative:
+                alpha[k] = alpha[k] * (1 + beta * signal)
+            else:
+                alpha[k] = alpha[k] + beta * signal
             if bounds is not None:
                 alpha[k] = min(max(alpha[k], bounds[0]), bounds[1])
             alpha[k] = max(alpha[k], FLOOR)  # hd_* keep the rate >= finfo(float64).tiny
