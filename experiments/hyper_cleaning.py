@@ -542,7 +542,8 @@ def plot(results, models, path, noise):
             label=f"chance precision ({noise:.0%})",
         )
         ax.set(
-            ylabel="test error (fraction)",
+            yscale="log",
+            ylabel="test error (fraction, log scale)",
             title=f"{model}: test error vs wall time",
         )
         ax2.set(
