@@ -530,10 +530,32 @@ def load_npz(
 
 
 # ----------------------------------------------------------------------------- STN experiments
-# Models, losses and loops shared by stn_digits, stn_mnist_cnn, bench_stn and the quickstart.
+# Models, losses, compiled training jobs and plots shared by stn_ridge, stn_digits, stn_mnist_cnn,
+# bench_stn and the quickstart.
 
 DIGITS_NAMES = ("drop_in", "drop_hidden", "noise")
 CNN_NAMES = ("drop", "shift", "cutout", "noise")
+# Axis label, with its unit, of each tuned hyperparameter in the plots (pixels scaled to [0, 1]).
+HPARAM_LABELS = {
+    "drop_in": "input dropout rate",
+    "drop_hidden": "hidden dropout rate",
+    "drop": "dropout rate",
+    "noise": "input noise std (pixel intensity)",
+    "shift": "max translation (pixels)",
+    "cutout": "cutout side (pixels)",
+}
+LOG_HPARAMS = ("noise",)  # plotted on a log axis (a log-scale hyperparameter)
+WARMUP_LABEL = "warm-up (weights only, hyperparameters fixed)"
+
+
+def stn_key(seed: int) -> jax.Array:
+    """``jax.random.key(seed, impl="rbg")``: the PRNG key of every STN experiment.
+
+    XLA's ``RngBitGenerator`` compiles in a fraction of the time of the default threefry on
+    XLA:CPU (building the CNN's weights: about 3 s of CPU instead of 15); its streams differ from
+    threefry's and are not guaranteed to stay the same across JAX versions.
+    """
+    return jax.random.key(seed, impl="rbg")
 
 
 def stn_variants() -> dict:
@@ -541,6 +563,11 @@ def stn_variants() -> dict:
     from bilevel import stn
 
     return {"stn": stn.STN, "delta": stn.DeltaSTN}
+
+
+def variant_label(variant: str) -> str:
+    """``"STN"`` / ``"Delta-STN"``: the method name in tables, legends and :func:`color`."""
+    return {"stn": "STN", "delta": "Delta-STN"}[variant]
 
 
 class StnMlp(nnx.Module):
@@ -587,26 +614,26 @@ class PlainMlp(nnx.Module):
         return x
 
 
-def _pool(x):
-    return nnx.max_pool(x, (2, 2), strides=(2, 2))
-
-
 class StnCnn(nnx.Module):
-    """Conv(w) - pool - Conv(2w) - pool - dense 128 - dense 10, all best-response layers."""
+    """Conv 3x3/2 (w) - Conv 3x3/2 (2w) - dense 128 - dense 10 of best-response layers (ReLU).
+
+    The stride-2 convolutions take 28x28 inputs to 14x14 and 7x7 (in place of conv + 2x2
+    max-pool, whose gradient is slow on XLA:CPU: a train step is about 6x faster).
+    """
 
     def __init__(self, num_hparams, width=16, *, rngs):
         from bilevel import stn
 
-        self.conv1 = stn.StnConv(1, width, 3, num_hparams, rngs=rngs)
-        self.conv2 = stn.StnConv(width, 2 * width, 3, num_hparams, rngs=rngs)
+        self.conv1 = stn.StnConv(1, width, 3, num_hparams, strides=2, rngs=rngs)
+        self.conv2 = stn.StnConv(width, 2 * width, 3, num_hparams, strides=2, rngs=rngs)
         self.fc1 = stn.StnLinear(2 * width * 49, 128, num_hparams, rngs=rngs)
         self.fc2 = stn.StnLinear(128, 10, num_hparams, rngs=rngs)
 
     def __call__(self, x, hnet, drop=None, key=None):
         from bilevel import stn
 
-        x = _pool(jax.nn.relu(self.conv1(x, hnet)))
-        x = _pool(jax.nn.relu(self.conv2(x, hnet)))
+        x = jax.nn.relu(self.conv1(x, hnet))
+        x = jax.nn.relu(self.conv2(x, hnet))
         x = x.reshape(x.shape[0], -1)
         if drop is not None:
             x = stn.dropout(x, drop, jax.random.fold_in(key, 0))
@@ -620,16 +647,16 @@ class PlainCnn(nnx.Module):
     """The same CNN from ``nnx.Conv`` / ``nnx.Linear``."""
 
     def __init__(self, width=16, *, rngs):
-        self.conv1 = nnx.Conv(1, width, (3, 3), rngs=rngs)
-        self.conv2 = nnx.Conv(width, 2 * width, (3, 3), rngs=rngs)
+        self.conv1 = nnx.Conv(1, width, (3, 3), strides=2, rngs=rngs)
+        self.conv2 = nnx.Conv(width, 2 * width, (3, 3), strides=2, rngs=rngs)
         self.fc1 = nnx.Linear(2 * width * 49, 128, rngs=rngs)
         self.fc2 = nnx.Linear(128, 10, rngs=rngs)
 
     def __call__(self, x, drop=None, key=None):
         from bilevel import stn
 
-        x = _pool(jax.nn.relu(self.conv1(x)))
-        x = _pool(jax.nn.relu(self.conv2(x)))
+        x = jax.nn.relu(self.conv1(x))
+        x = jax.nn.relu(self.conv2(x))
         x = x.reshape(x.shape[0], -1)
         if drop is not None:
             x = stn.dropout(x, drop, jax.random.fold_in(key, 0))
@@ -676,6 +703,7 @@ def digits_plain_loss(m, cfg, x, y, key):
 
 
 def cnn_space():
+    """Dropout (init 0.05), max shift (px, init 0.5), cutout side (px, init 1), input noise std."""
     from bilevel import hparams
 
     return {
@@ -716,22 +744,128 @@ def cnn_plain_loss(m, cfg, x, y, key):
 
 
 def fmt_hparams(h: dict) -> str:
+    """``"drop=0.05 noise=0.012"``: hyperparameter values in 3 significant digits."""
     return " ".join(f"{k}={v:.3g}" for k, v in h.items())
 
 
 def stn_row(method: str, result: dict, seconds: float) -> dict:
-    """A results-table row of :func:`run_stn` or :func:`train_fixed` output."""
+    """A results-table row of a :func:`stn_job` or :func:`fixed_job` result.
+
+    Columns: ``val_xent`` (validation cross-entropy at the end), ``best_val_xent`` (the lowest
+    one among the evaluations during training), ``test_acc`` (at the end), ``hparams`` (final).
+    """
     return {
         "method": method,
-        "val_loss": result["val_loss"],
-        "best_val_loss": result["best_val_loss"],
+        "val_xent": result["val_loss"],
+        "best_val_xent": result["best_val_loss"],
         "test_acc": result["test_accuracy"],
-        "final_hparams": fmt_hparams(result["hparams"]),
+        "hparams": fmt_hparams(result["hparams"]),
         "seconds": seconds,
     }
 
 
-def run_stn(
+class Job(NamedTuple):
+    """A compiled part of an experiment, run later under the script's one progress bar.
+
+    ``units`` of work in all (what the bar counts), ``done`` of them already run while compiling,
+    and ``run(bar)``, which runs the rest, advances ``bar`` by ``units - done`` and returns the
+    part's result.
+    """
+
+    units: int
+    done: int
+    run: Callable[[Any], Any]
+
+
+def stn_blocks(
+    trainer,
+    state,
+    train,
+    val,
+    *,
+    blocks: int,
+    chunk: int,
+    batch_size: int,
+    warmup_blocks: int = 0,
+    outer_batch_size: int | None = None,
+    on_block: Callable | None = None,
+    units_per_cycle: int = 1,
+) -> Job:
+    """Compile ``trainer.fit`` in blocks of ``chunk`` cycles; return the :class:`Job` that runs it.
+
+    The run is ``warmup_blocks`` blocks of ``Trainer.warmup`` (weights only, hyperparameters
+    fixed), then ``blocks`` blocks of tuning cycles; every block is one call of ``fit`` (one
+    jitted ``lax.scan`` of ``chunk`` cycles), followed by ``on_block(state, cycles_so_far)``.
+    Compiling runs the first block (with a warm-up, the tuning program is compiled on a copy of
+    the state whose result is discarded), so the bar starts at ``done = chunk * units_per_cycle``.
+
+    Returns:
+      A :class:`Job` in units of ``units_per_cycle`` per cycle whose ``run(bar)`` returns
+      ``(state, history, seconds)``: ``fit``'s history of all tuning cycles, and the training
+      wall time excluding compilation (the blocks after the first, scaled to all of them).
+    """
+    if blocks < 1:
+        raise ValueError(f"blocks must be >= 1, got {blocks}")
+    kw = dict(batch_size=batch_size, outer_batch_size=outer_batch_size, chunk=chunk, progress=False)
+    total = warmup_blocks + blocks
+    histories = []
+
+    def one_block(state, warm):
+        if warm:
+            return trainer.fit(state, train, val, steps=0, warmup_steps=chunk, **kw)[0]
+        state, history = trainer.fit(state, train, val, steps=chunk, **kw)
+        histories.append(history)
+        return state
+
+    t0 = time.perf_counter()
+    if warmup_blocks:
+        trainer.fit(state, train, val, steps=chunk, **kw)  # compiles the tuning program
+    state = one_block(state, warmup_blocks > 0)
+    if on_block is not None:
+        on_block(state, chunk)
+    first = time.perf_counter() - t0
+
+    def run(bar):
+        s = state
+        t0 = time.perf_counter()
+        for b in range(1, total):
+            s = one_block(s, b < warmup_blocks)
+            if on_block is not None:
+                on_block(s, (b + 1) * chunk)
+            bar.update(chunk * units_per_cycle)
+        seconds = (time.perf_counter() - t0) * total / (total - 1) if total > 1 else first
+        history = {k: np.concatenate([h[k] for h in histories]) for k in histories[0]}
+        return s, history, seconds
+
+    return Job(total * chunk * units_per_cycle, chunk * units_per_cycle, run)
+
+
+def _inputs(data: Split, input_shape):
+    """``(train, val, test)`` pairs of JAX arrays, inputs reshaped to ``(-1, *input_shape)``."""
+    reshape = (lambda a: a) if input_shape is None else (lambda a: a.reshape(-1, *input_shape))
+    return tuple(
+        (jnp.asarray(reshape(x)), jnp.asarray(y))
+        for x, y in (
+            (data.x_train, data.y_train),
+            (data.x_val, data.y_val),
+            (data.x_test, data.y_test),
+        )
+    )
+
+
+def _block_size(cycles: int, target: float) -> int:
+    """Cycles per block: a divisor of ``cycles`` within 2x of ``target`` (closest), else ``target``.
+
+    A divisor makes the blocks cover exactly ``cycles`` (every method trains as many epochs).
+    """
+    target = max(1.0, target)
+    divisors = [
+        c for c in range(1, cycles + 1) if cycles % c == 0 and target / 2 <= c <= 2 * target
+    ]
+    return min(divisors, key=lambda c: abs(c - target)) if divisors else max(1, round(target))
+
+
+def stn_job(
     make_model,
     data: Split,
     *,
@@ -741,32 +875,39 @@ def run_stn(
     lr=1e-3,
     hyper_lr=3e-3,
     inner_steps=5,
-    warmup_epochs=5,
+    warmup_epochs=0,
     init_scale=0.5,
     entropy_weight=1e-3,
     method=None,
     space=None,
     losses=None,
-    eval_every=5,
-    desc="STN",
-    show_progress=True,
+    eval_every=1,
     input_shape=None,
-) -> dict:
-    """Train an STN with ``stn.Trainer.fit``, evaluating the validation loss every ``eval_every``
-    epochs (a fit callback); returns the final/best validation loss, test accuracy, schedule."""
+) -> Job:
+    """Build and compile a Self-Tuning Network classifier run; the :class:`Job` trains it.
+
+    ``epochs`` counts all training epochs, the ``warmup_epochs`` of weight-only steps included
+    (the baselines of :func:`fixed_job` train as many), rounded to whole blocks of about
+    ``eval_every`` epochs; the validation cross-entropy is evaluated at epoch 0 and after every
+    block. Work is counted in train steps (minibatches): a cycle is ``inner_steps`` of them.
+
+    Returns:
+      A :class:`Job` whose ``run(bar)`` returns a dict with the final and best validation
+      cross-entropy, test loss and accuracy, final hyperparameters and perturbation scales,
+      ``curve`` (``[{"epoch", "val_loss"}]``), ``schedule`` (``"epoch"`` and one array per
+      hyperparameter, starting at epoch 0 with the initial values), ``warmup_epochs``,
+      ``epochs`` (as run) and ``seconds`` (training wall time, no compilation).
+    """
     import optax
 
     from bilevel import stn
 
     space = digits_space() if space is None else space
     method = stn.STN() if method is None else method
-    reshape = (lambda a: a) if input_shape is None else (lambda a: a.reshape(-1, *input_shape))
-    train = (jnp.asarray(reshape(data.x_train)), jnp.asarray(data.y_train))
-    val = (jnp.asarray(reshape(data.x_val)), jnp.asarray(data.y_val))
-    test = (jnp.asarray(reshape(data.x_test)), jnp.asarray(data.y_test))
+    train, val, test = _inputs(data, input_shape)
     inner_loss, outer_loss = digits_losses() if losses is None else losses
     trainer = stn.Trainer(
-        make_model(nnx.Rngs(seed)),
+        make_model(nnx.Rngs(stn_key(seed))),
         inner_loss,
         outer_loss,
         space=space,
@@ -779,88 +920,121 @@ def run_stn(
         entropy_weight=entropy_weight,
     )
     per_epoch = train[0].shape[0] // batch_size
-    cycles_per_block = max(1, round(eval_every * per_epoch / inner_steps))
-    blocks = max(1, math.ceil(epochs * per_epoch / inner_steps / cycles_per_block))
-    warmup = round(warmup_epochs * per_epoch / inner_steps)
+    if per_epoch < 1:
+        raise ValueError(
+            f"batch_size {batch_size} exceeds the {train[0].shape[0]} training examples"
+        )
+    cycles = max(1, round(epochs * per_epoch / inner_steps))
+    chunk = _block_size(cycles, eval_every * per_epoch / inner_steps)
+    total = max(1, round(cycles / chunk))
+    warm = min(round(warmup_epochs * per_epoch / (inner_steps * chunk)), total - 1)
+    epoch_of = lambda cycles: cycles * inner_steps / per_epoch
 
     @jax.jit
     def evaluate(state, x, y):
         logits = trainer.model(state)(x, trainer.hnet(state))
         return xent(logits, y), accuracy(logits, y)
 
-    curve = []
+    state = trainer.init(key=stn_key(seed))
+    hparams_of = lambda state: {k: float(trainer.hparams(state)[k]) for k in space}
+    initial = hparams_of(state)
+    curve = [{"epoch": 0.0, "val_loss": float(evaluate(state, *val)[0])}]
 
-    def record(step, state, metrics):
-        vl, _ = evaluate(state, *val)
-        curve.append({"epoch": step * inner_steps / per_epoch, "val_loss": float(vl)})
+    def record(state, cycles):
+        curve.append({"epoch": epoch_of(cycles), "val_loss": float(evaluate(state, *val)[0])})
 
-    state = trainer.init(key=jax.random.key(seed))
-    kw = dict(batch_size=batch_size, chunk=cycles_per_block, warmup_steps=warmup)
-    # Compile the chunked loops and the evaluation before timing (results discarded).
-    trainer.fit(state, train, val, steps=cycles_per_block, progress=False, **kw)
-    evaluate(state, *val)
-    t0 = time.perf_counter()
-    state, history = trainer.fit(
+    blocks = stn_blocks(
+        trainer,
         state,
         train,
         val,
-        steps=blocks * cycles_per_block,
-        callbacks=record,
-        progress=show_progress and not os.environ.get("BILEVEL_NO_PROGRESS"),
-        desc=desc,
-        **kw,
+        blocks=total - warm,
+        warmup_blocks=warm,
+        chunk=chunk,
+        batch_size=batch_size,
+        on_block=record,
+        units_per_cycle=inner_steps,
     )
-    seconds = time.perf_counter() - t0
-    val_ce, val_acc = evaluate(state, *val)
-    test_ce, test_acc = evaluate(state, *test)
-    return {
-        "val_loss": float(val_ce),
-        "best_val_loss": min(c["val_loss"] for c in curve),
-        "val_acc": float(val_acc),
-        "test_loss": float(test_ce),
-        "test_accuracy": float(test_acc),
-        "hparams": {k: float(v) for k, v in trainer.hparams(state).items()},
-        "scales": {k: float(v) for k, v in trainer.scales(state).items()},
-        "curve": curve,
-        "schedule": {
-            "epoch": history["step"] * inner_steps / per_epoch,
-            **{k: history[f"hparams/{k}"] for k in space},
-        },
-        "inner_skipped": int(state.inner_skipped),
-        "skipped": int(state.skipped),
-        "seconds": seconds,
-    }
+
+    def run(bar):
+        state, history, seconds = blocks.run(bar)
+        val_ce, val_acc = evaluate(state, *val)
+        test_ce, test_acc = evaluate(state, *test)
+        return {
+            "val_loss": float(val_ce),
+            "best_val_loss": min(c["val_loss"] for c in curve),
+            "val_acc": float(val_acc),
+            "test_loss": float(test_ce),
+            "test_accuracy": float(test_acc),
+            "hparams": hparams_of(state),
+            "initial_hparams": initial,
+            "scales": {k: float(trainer.scales(state)[k]) for k in space},
+            "curve": curve,
+            "schedule": {
+                "epoch": np.concatenate([[0.0], epoch_of(history["step"])]),
+                **{k: np.concatenate([[initial[k]], history[f"hparams/{k}"]]) for k in space},
+            },
+            "warmup_epochs": epoch_of(warm * chunk),
+            "epochs": epoch_of(total * chunk),
+            "inner_skipped": int(state.inner_skipped),
+            "skipped": int(state.skipped),
+            "seconds": seconds,
+        }
+
+    return Job(blocks.units, blocks.done, run)
 
 
-def train_fixed(
+def run_stn(make_model, data: Split, *, desc="STN", show_progress=True, **kwargs) -> dict:
+    """:func:`stn_job` compiled and run under a bar of its own (``desc``); its result dict."""
+    job = stn_job(make_model, data, **kwargs)
+    bar = progress(total=job.units, initial=job.done, desc=desc, disable=not show_progress)
+    try:
+        return job.run(bar)
+    finally:
+        bar.close()
+
+
+def fixed_job(
     make_model,
     configs,
-    data,
+    data: Split,
     *,
     epochs,
     batch_size,
     seed,
     lr=1e-3,
-    eval_every=5,
+    eval_every=1,
     input_shape=None,
     plain_loss=digits_plain_loss,
-):
-    """Train the plain network once per fixed configuration (vmapped); returns per-config results.
+    vmap=True,
+) -> Job:
+    """Compile the plain network's training at fixed hyperparameters, one run per configuration.
 
     ``configs`` maps each hyperparameter name to an array of shape ``(K,)``, which
-    ``plain_loss(model, cfg, x, y, key)`` uses (default: ``drop_in, drop_hidden, noise``).
+    ``plain_loss(model, cfg, x, y, key)`` uses (default: ``drop_in, drop_hidden, noise``). Every
+    configuration trains ``epochs`` epochs (rounded to blocks of ``eval_every``) of Adam from the
+    same initial weights, the validation cross-entropy evaluated at epoch 0 and after each block.
+    With ``vmap`` the ``K`` runs are one vmapped program (batched matmuls: fast for MLPs);
+    without, one program runs them in turn (a vmapped convolution becomes a grouped convolution,
+    slow on XLA:CPU). Work is counted in train steps (minibatches) of one configuration.
+
+    Returns:
+      A :class:`Job` whose ``run(bar)`` returns ``(results, seconds)``: one dict per
+      configuration (final and best validation cross-entropy, test loss and accuracy, its
+      ``hparams``, ``curve`` ``[{"epoch", "val_loss"}]``) and the training wall time of all of
+      them (no compilation).
     """
     import optax
 
-    reshape = (lambda a: a) if input_shape is None else (lambda a: a.reshape(-1, *input_shape))
-    x_tr, y_tr = jnp.asarray(reshape(data.x_train)), jnp.asarray(data.y_train)
-    val = (jnp.asarray(reshape(data.x_val)), jnp.asarray(data.y_val))
-    test = (jnp.asarray(reshape(data.x_test)), jnp.asarray(data.y_test))
-    graphdef, params0 = nnx.split(make_model(nnx.Rngs(seed)))
+    train, val, test = _inputs(data, input_shape)
+    x_tr, y_tr = train
+    graphdef, params0 = nnx.split(make_model(nnx.Rngs(stn_key(seed))))
     tx = optax.adam(lr)
     n = x_tr.shape[0]
     per_epoch = n // batch_size
-    blocks = max(1, math.ceil(epochs / eval_every))
+    if per_epoch < 1:
+        raise ValueError(f"batch_size {batch_size} exceeds the {n} training examples")
+    blocks = max(1, round(epochs / eval_every))
 
     def loss_fn(params, cfg, x, y, key):
         return plain_loss(nnx.merge(graphdef, params), cfg, x, y, key)
@@ -885,53 +1059,172 @@ def train_fixed(
         m = nnx.merge(graphdef, params)
         return params, opt_state, xent(m(val[0]), val[1])
 
-    k_configs = len(next(iter(configs.values())))
-    keys = jax.random.split(jax.random.key(seed + 1), k_configs)
-    params = jax.tree.map(lambda a: jnp.broadcast_to(a, (k_configs, *a.shape)), params0)
-    opt_state = jax.vmap(tx.init)(params)
-    cfg = {k: jnp.asarray(v, jnp.float32) for k, v in configs.items()}
-    block_fn = jax.jit(jax.vmap(run_block, in_axes=(0, 0, 0, 0, None)))
-    block_fn.lower(params, opt_state, cfg, keys, 0).compile()
-    t0 = time.perf_counter()
-    curves = []
-    for b in range(blocks):
-        params, opt_state, vl = block_fn(params, opt_state, cfg, keys, b)
-        curves.append(np.asarray(vl))
-    jax.block_until_ready(params)
-    seconds = time.perf_counter() - t0
-
-    @jax.vmap
     def evaluate(p):
         m = nnx.merge(graphdef, p)
         lv, lt = m(val[0]), m(test[0])
         return xent(lv, val[1]), xent(lt, test[1]), accuracy(lt, test[1])
 
-    val_ce, test_ce, test_acc = jax.jit(evaluate)(params)
-    curves = np.stack(curves, 1)  # (K, blocks)
-    return [
-        {
-            "val_loss": float(val_ce[i]),
-            "best_val_loss": float(curves[i].min()),
-            "test_loss": float(test_ce[i]),
-            "test_accuracy": float(test_acc[i]),
-            "hparams": {k: float(v[i]) for k, v in configs.items()},
-            "curve": curves[i],
-        }
-        for i in range(k_configs)
-    ], seconds
+    k_configs = len(next(iter(configs.values())))
+    keys = jax.random.split(stn_key(seed + 1), k_configs)
+    cfg = {k: jnp.asarray(v, jnp.float32) for k, v in configs.items()}
+    if vmap:
+        params = jax.tree.map(lambda a: jnp.broadcast_to(a, (k_configs, *a.shape)), params0)
+        opt_state = jax.vmap(tx.init)(params)
+        block_fn = jax.jit(jax.vmap(run_block, in_axes=(0, 0, 0, 0, None)))
+        block_fn = block_fn.lower(params, opt_state, cfg, keys, 0).compile()
+        evaluate = jax.jit(jax.vmap(evaluate)).lower(params).compile()
+        initial = float(evaluate(params)[0][0])  # the same initial weights for every configuration
+    else:
+        params, opt_state = params0, tx.init(params0)
+        one_cfg = {k: v[0] for k, v in cfg.items()}
+        block_fn = jax.jit(run_block).lower(params, opt_state, one_cfg, keys[0], 0).compile()
+        evaluate = jax.jit(evaluate).lower(params).compile()
+        initial = float(evaluate(params)[0])
+    step_units = k_configs * eval_every * per_epoch
+
+    def run_all(p, s, b):
+        """One block of every configuration: ``(params, opt_state, val_losses (K,))``."""
+        if vmap:
+            return block_fn(p, s, cfg, keys, b)
+        out = [
+            block_fn(p[i], s[i], {k: v[i] for k, v in cfg.items()}, keys[i], b)
+            for i in range(k_configs)
+        ]
+        return [o[0] for o in out], [o[1] for o in out], jnp.stack([o[2] for o in out])
+
+    def evaluate_all(p):
+        if vmap:
+            return evaluate(p)
+        return tuple(jnp.stack(v) for v in zip(*(evaluate(q) for q in p), strict=True))
+
+    def run(bar):
+        p, s = (params, opt_state) if vmap else ([params] * k_configs, [opt_state] * k_configs)
+        t0 = time.perf_counter()
+        curves = []
+        for b in range(blocks):
+            p, s, vl = run_all(p, s, b)
+            curves.append(np.asarray(vl))
+            bar.update(step_units)
+        seconds = time.perf_counter() - t0
+        val_ce, test_ce, test_acc = evaluate_all(p)
+        curves = np.stack(curves, 1)  # (K, blocks)
+        epochs_at = [0.0, *((b + 1) * eval_every for b in range(blocks))]
+        return [
+            {
+                "val_loss": float(val_ce[i]),
+                "best_val_loss": float(curves[i].min()),
+                "test_loss": float(test_ce[i]),
+                "test_accuracy": float(test_acc[i]),
+                "hparams": {k: float(v[i]) for k, v in configs.items()},
+                "curve": [
+                    {"epoch": float(e), "val_loss": float(v)}
+                    for e, v in zip(epochs_at, [initial, *curves[i]], strict=True)
+                ],
+            }
+            for i in range(k_configs)
+        ], seconds
+
+    return Job(blocks * step_units, 0, run)
 
 
-def plot_schedule(path, result, title, names=DIGITS_NAMES):
+def plot_stn(
+    path,
+    result: dict,
+    title: str,
+    names: Sequence[str] = DIGITS_NAMES,
+    *,
+    method: str = "STN",
+    baselines: Sequence[dict] = (),
+) -> None:
+    """Validation cross-entropy and one panel per hyperparameter schedule of an STN run.
+
+    ``baselines`` are dicts ``{"label", "result", "color", "ls"}`` (a :func:`fixed_job` result):
+    their validation curves share the first panel, their fixed values are horizontal lines in the
+    hyperparameter panels. The STN is drawn in ``color(method)`` everywhere; the warm-up, if any,
+    is shaded. The legend has a panel of its own.
+    """
     plt = pyplot()
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    n_panels = 1 + len(names)
+    cols = 3
+    rows = math.ceil((n_panels + 1) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    axes = axes.ravel()
+    main_color = color(method)
+    warm = result.get("warmup_epochs", 0.0)
+    epochs = max(r["curve"][-1]["epoch"] for r in [result, *(b["result"] for b in baselines)])
+
+    ax = axes[0]
+    for b in baselines:
+        ax.plot(
+            [c["epoch"] for c in b["result"]["curve"]],
+            [c["val_loss"] for c in b["result"]["curve"]],
+            color=b["color"],
+            ls=b.get("ls", "-"),
+            lw=1.4,
+            label=b["label"],
+        )
+    ax.plot(
+        [c["epoch"] for c in result["curve"]],
+        [c["val_loss"] for c in result["curve"]],
+        color=main_color,
+        lw=2,
+        label=f"{method}, tuned online (test acc {result['test_accuracy']:.1%})",
+    )
+    ax.set(
+        yscale="log",
+        xlabel="epoch",
+        ylabel="validation cross-entropy (nats, log)",
+        title="validation loss",
+    )
+    _plain_log_ticks(ax)
     sched = result["schedule"]
-    for k in names:
-        ax[0].plot(sched["epoch"], sched[k], label=k)
-    ax[0].set(xlabel="epoch", ylabel="value", title=f"{title}: hyperparameter schedule")
-    ax[0].legend()
-    ax[1].plot([c["epoch"] for c in result["curve"]], [c["val_loss"] for c in result["curve"]])
-    ax[1].set(xlabel="epoch", ylabel="validation cross-entropy", title="validation loss")
+    for ax, k in zip(axes[1:], names, strict=False):
+        ax.plot(sched["epoch"], sched[k], color=main_color, lw=2)
+        for b in baselines:
+            v = b["result"]["hparams"].get(k)
+            if v is not None and (v > 0 or k not in LOG_HPARAMS):
+                ax.axhline(v, color=b["color"], ls=b.get("ls", "-"), lw=1.2)
+        ax.set(xlabel="epoch", ylabel=HPARAM_LABELS.get(k, k), title=f"schedule: {k}")
+        if k in LOG_HPARAMS:
+            _log_if_wide(ax, sched[k])
+    for ax in axes[:n_panels]:
+        ax.set_xlim(0, epochs)
+        if warm > 0:
+            ax.axvspan(0, warm, color="0.9", zorder=0, label=WARMUP_LABEL)
+    handles, labels = axes[0].get_legend_handles_labels()
+    legend_ax = axes[n_panels]
+    legend_ax.axis("off")
+    legend_ax.legend(
+        handles,
+        labels,
+        loc="center",
+        frameon=False,
+        fontsize=9,
+        title="horizontal lines: the baselines' fixed values" if baselines else None,
+        title_fontsize=9,
+    )
+    for ax in axes[n_panels + 1 :]:
+        ax.axis("off")
+    fig.suptitle(title)
     save_figure(fig, path, dpi=120)
+
+
+def _log_if_wide(ax, values, ratio=20.0) -> None:
+    """A log y axis when the positive ``values`` span more than ``ratio``."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size and v.max() > ratio * v.min():
+        ax.set_yscale("log")
+        _plain_log_ticks(ax)
+
+
+def _plain_log_ticks(ax) -> None:
+    """Tick labels of a log y axis as plain numbers (``0.2``, ``1``), minor ticks labelled too."""
+    from matplotlib import ticker
+
+    ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
 
 
 # ---- solver benchmarks
