@@ -133,6 +133,46 @@ def _zero_sum(tree: Any, dtype) -> jax.Array:
     return total
 
 
+@jax.custom_jvp
+def _sums(*xs):
+    """The sums of same-shaped arrays in one pass over memory (one variadic reduction)."""
+    if xs[0].ndim == 0:
+        return xs
+    zeros = tuple(jnp.zeros((), x.dtype) for x in xs)
+    add = lambda u, v: tuple(p + q for p, q in zip(u, v, strict=True))
+    return tuple(jax.lax.reduce(xs, zeros, add, tuple(range(xs[0].ndim))))
+
+
+@_sums.defjvp
+def _sums_jvp(primals, tangents):
+    # a sum is linear: the tangents are summed with jnp.sum, which JAX can also transpose
+    return _sums(*primals), tuple(jnp.sum(t) for t in tangents)
+
+
+def _fused_stats(a, b, checks, dtype, multiplicative):
+    """:func:`_hypergradient_stats` for the recomputed directions, one reduction per leaf.
+
+    ``checks`` are lists of leaves aligned with ``a``; ``z - z`` (0, or NaN when ``z`` is not
+    finite) is added to the inner product's terms for each of them. Everything a leaf needs
+    (the product, the squares) comes out of one variadic reduction, so that ``b``, which is
+    recomputed from the optimizer state, is never written to memory.
+    """
+    dot = sq_a = sq_b = jnp.zeros((), dtype)
+    for x, y, *zs in zip(a, b, *checks, strict=True):
+        x, y = x.astype(dtype), y.astype(dtype)
+        term = x * y
+        for z in zs:
+            z = z.astype(dtype)
+            term = term + (z - z)
+        if multiplicative:
+            d, s_a, s_b = _sums(term, x * x, y * y)
+            sq_a, sq_b = sq_a + s_a, sq_b + s_b
+        else:
+            (d,) = _sums(term)
+        dot = dot + d
+    return dot, sq_a, sq_b
+
+
 def _hypergradient_stats(a, b, sentinels, dtype, multiplicative):
     """``<a, b>`` (and ``||a||^2``, ``||b||^2`` for the multiplicative rule) over lists of leaves.
 
@@ -433,14 +473,29 @@ class _Recomputable(NamedTuple):
       transform: the Optax direction (``optax.scale_by_adam``, ``optax.trace``).
       previous: ``previous(inner_state)``: :math:`d_{t-1}` recomputed from the state (zeros
         before the first step), a tree shaped like the parameters.
+      checks: ``checks(grads, inner_state)``: trees of cheap elementwise values, computed from
+        the step's inputs, that are all finite if and only if (up to rounding at the edge of
+        the floating-point range) the new direction and state are, given a finite ``grads``
+        and the (always finite) stored state; plus a scalar flag for the scalars involved.
       moments: ``moments(inner_state)``: the state's parameter-shaped trees.
       replace: ``replace(inner_state, trees)``: the state with those trees replaced.
     """
 
     transform: optax.GradientTransformation
     previous: Callable[[Any], Any]
+    checks: Callable[[Any, Any], tuple[list, jax.Array]]
     moments: Callable[[Any], list]
     replace: Callable[[Any, list], Any]
+
+
+def _positive_in(value, leaves) -> bool:
+    """Whether ``value`` is a concrete number that stays > 0 in the dtype of every leaf."""
+    if _is_traced(value):
+        return False
+    return (
+        all(float(np.asarray(value).astype(jnp.result_type(leaf))) > 0 for leaf in leaves)
+        and float(value) > 0
+    )
 
 
 def _adam_direction(b1, b2, eps, eps_root, mu_dtype) -> _Recomputable:
@@ -448,6 +503,7 @@ def _adam_direction(b1, b2, eps, eps_root, mu_dtype) -> _Recomputable:
     with the bias corrections of step :math:`t-1`, the operations of
     :func:`optax.scale_by_adam` (the first moment read as stored, i.e. rounded to
     ``mu_dtype``)."""
+    transform = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype)
 
     def previous(state):
         started = state.count > 0
@@ -463,9 +519,23 @@ def _adam_direction(b1, b2, eps, eps_root, mu_dtype) -> _Recomputable:
 
         return jax.tree.map(leaf, mu_hat, nu_hat, state.nu)
 
+    def checks(grads, state):
+        # m_t, v_t are convex combinations of finite values and g_t^2; the bias corrections are
+        # scalars; with eps > 0 (and eps_root >= 0) d_t = m_hat / (sqrt(v_hat) + eps) is finite
+        # when they are (|m_hat| <= sqrt(v_hat) up to a constant of b1, b2). Otherwise (eps
+        # traced, or 0 in a leaf's dtype) d_t itself is recomputed in the reduction.
+        leaves = jax.tree.leaves(grads)
+        terms = [jax.tree.map(lambda g: g * g, grads)]
+        if not (_positive_in(eps, leaves) and not _is_traced(eps_root)):
+            terms.append(transform.update(grads, state)[0])
+        count = optax.safe_increment(state.count)
+        scalars = jnp.stack([1 / (1 - jnp.asarray(b, jnp.float32) ** count) for b in (b1, b2)])
+        return terms, jnp.all(jnp.isfinite(scalars))
+
     return _Recomputable(
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
+        transform,
         previous,
+        checks,
         lambda state: [state.mu, state.nu],
         lambda state, trees: state._replace(mu=trees[0], nu=trees[1]),
     )
@@ -474,9 +544,11 @@ def _adam_direction(b1, b2, eps, eps_root, mu_dtype) -> _Recomputable:
 def _heavy_ball_direction(momentum, accumulator_dtype) -> _Recomputable:
     r"""Heavy ball: :math:`d_{t-1} = v_{t-1}`, the stored trace (as stored, i.e. rounded to
     ``accumulator_dtype``)."""
+    transform = optax.trace(decay=momentum, nesterov=False, accumulator_dtype=accumulator_dtype)
     return _Recomputable(
-        optax.trace(decay=momentum, nesterov=False, accumulator_dtype=accumulator_dtype),
+        transform,
         lambda state: state.trace,
+        lambda grads, state: ([transform.update(grads, state)[0]], jnp.bool_(True)),
         lambda state: [state.trace],
         lambda state, trees: state._replace(trace=trees[0]),
     )
@@ -523,21 +595,24 @@ def _recomputed_hd(
         s_now = jnp.asarray(schedule_value(state.count), dtype)
         beta = jnp.asarray(hyper_lr, dtype)
 
-        previous = kind.previous(state.inner_state)
+        # The reduction reads only the step's inputs (g, the stored moments), recomputing
+        # what it needs from its own copy of them (the barrier keeps XLA from sharing, and so
+        # materializing, intermediates with the elementwise update below).
+        g_r, h_r, inner_r = jax.lax.optimization_barrier((grads, source, state.inner_state))
+        previous = kind.previous(inner_r)
+        checks, scalars_ok = kind.checks(g_r, inner_r)
         new_direction, inner_state = transform.update(grads, state.inner_state, params)
         new_moments = kind.moments(inner_state)
 
         # one reduction per rate: <a, d_{t-1}> (+ norms), non-finite iff something is
         rates, treedef, groups, flat = _rate_groups(state.learning_rate, per_leaf)
-        a, b = flat(source), flat(previous)
-        sentinels = [flat(new_direction), *(flat(m) for m in new_moments)]
-        if hyper_grads is not None:
-            sentinels.append(flat(grads))
+        a, b = flat(h_r), flat(previous)
+        sentinels = [flat(c) for c in checks]
         groups = groups or [list(range(len(a)))]
-        signals, total = [], jnp.zeros((), dtype)
+        signals, total = [], jnp.where(scalars_ok, 0, jnp.nan).astype(dtype)
         for group in groups:
             pick = lambda leaves, group=group: [leaves[i] for i in group]
-            dot, sq_a, sq_b = _hypergradient_stats(
+            dot, sq_a, sq_b = _fused_stats(
                 pick(a), pick(b), [pick(z) for z in sentinels], dtype, multiplicative
             )
             signals.append(_signal(dot, sq_a, sq_b, multiplicative))
@@ -568,12 +643,15 @@ def _recomputed_hd(
             used = [rate_from(lr, sig) for lr, sig in zip(rates, pending_prev, strict=True)]
             used_ok = jnp.all(jnp.isfinite(jnp.stack(used)))
             finite = jnp.isfinite(total) & used_ok & jnp.all(jnp.isfinite(jnp.stack(signals)))
-            # the per-entry test runs in the elementwise pass of the update itself
+            # the per-entry test runs in the elementwise pass of the update itself, on values
+            # computed from that pass's inputs
+            entry_checks, _ = kind.checks(grads, state.inner_state)
             entry_ok = jax.tree.map(
-                lambda *xs: functools.reduce(jnp.logical_and, map(jnp.isfinite, xs)) & used_ok,
+                lambda *xs: (
+                    functools.reduce(jnp.logical_and, map(jnp.isfinite, xs)) & used_ok & scalars_ok
+                ),
                 grads,
-                new_direction,
-                *new_moments,
+                *entry_checks,
             )
             moments = [
                 jax.tree.map(jnp.where, entry_ok, new, old)
