@@ -1,7 +1,12 @@
 """Hypergradient-descent learning rates as drop-in Optax transformations.
 
 Baydin, Cornish, Martinez Rubio, Schmidt and Wood, "Online Learning Rate Adaptation with
-Hypergradient Descent", ICLR 2018, https://arxiv.org/abs/1703.04782.
+Hypergradient Descent", ICLR 2018, https://arxiv.org/abs/1703.04782: the additive rule
+``alpha_t = alpha_{t-1} + beta <g_t, d_{t-1}>`` and the multiplicative rule
+``alpha_t = alpha_{t-1} (1 + beta cos(g_t, d_{t-1}))``. :func:`hd_adam` and :func:`hd_sgd`
+default to the multiplicative rule with ``beta = DEFAULT_HYPER_LR`` (scale-free, so one value
+serves every model and initial rate; ``python -m experiments.hd_optimizers`` sweeps it) and
+recompute ``d_{t-1}`` from the optimizer's own moments instead of storing it.
 """
 
 from __future__ import annotations
@@ -729,7 +734,18 @@ _DEFAULT_DOC = """
 
     which is scale-free: :math:`\\cos` does not depend on the units of the loss, the
     parameters or the rate, so one :math:`\\beta` serves every initial rate and model (a rate
-    changes by at most a factor :math:`1 \\pm \\beta` per step). Override it with
+    changes by at most a factor :math:`1 \\pm \\beta` per step; it reaches 100 times its
+    initial value in about 50 steps of agreeing directions). The factor
+    :math:`1 + \\beta\\cos` (the multiplicative rule of Baydin et al.) rather than
+    :math:`e^{\\beta\\cos}`: both agree to first order in :math:`\\beta`; the former stays in
+    :math:`[1-\\beta, 1+\\beta]` and, under noisy (minibatch) signals,
+    :math:`\\log(1 + \\beta c) \\approx \\beta c - \\beta^2 c^2 / 2` drifts slightly down, so
+    the rate settles where consecutive steps still agree a little rather than at the edge of
+    stability. The default :math:`\\beta = 0.1` had the smallest worst-case loss gap to the best
+    fixed rate in a sweep (0.02 to 0.2) over SGD, SGD with Nesterov momentum and Adam, initial
+    rates 1e-5 to 1, on MNIST logistic regression (minibatches) and full-batch digits
+    logistic regression; 0.2 diverged on the latter, 0.05 left SGD started at 1e-5 far
+    behind (MNIST: loss 1.9 after 10 epochs, 0.49 at the best fixed rate). Override it with
     ``hyper_lr=beta, multiplicative=True``. Passing ``hyper_lr`` alone selects the additive rule
     :math:`\\alpha_t = \\Pi(\\alpha_{t-1} + \\beta \\langle g_t, d_{t-1} \\rangle)` of the paper
     (whose :math:`\\beta` has units and must be tuned), as in earlier versions;
@@ -877,10 +893,16 @@ def hd_adam(
     {default}
     Cost: :math:`d_{t-1}` is recomputed from the moments :math:`m_{t-1}, v_{t-1}` that the
     step reads anyway (with the bias corrections of step :math:`t-1`), so the state holds two
-    arrays per parameter, as :func:`optax.adam`; the exact rule adds one fused reduction over
-    :math:`g_t, m_{t-1}, v_{t-1}` before the elementwise update, since the update needs
-    :math:`\alpha_t`. With ``mu_dtype`` the first moment is read as stored (rounded to it).
-    ``nesterov=True`` (NAdam) needs :math:`g_{t-1}` and stores :math:`d_{t-1}` instead.
+    arrays per parameter, as :func:`optax.adam`. The exact rule adds one reduction over
+    :math:`g_t, m_{t-1}, v_{t-1}` (the inner product, the norms and the finiteness test in one
+    pass, :math:`d_{t-1}` never written to memory) that must finish before the elementwise
+    update, which needs :math:`\alpha_t`: one more read of three arrays and one more square root
+    and division per parameter (``python -m experiments.bench_optax`` measures it). The
+    finiteness test needs no extra array: the new moments are finite when :math:`g_t` and
+    :math:`g_t^2` are, and so is :math:`d_t` when ``eps`` is a positive constant (otherwise
+    :math:`d_t` is recomputed in the reduction). With ``mu_dtype`` the first moment is read as
+    stored (rounded to it). ``nesterov=True`` (NAdam) needs :math:`g_{t-1}` and stores
+    :math:`d_{t-1}` instead.
 
     One-step-lagged rule (``lagged=True``), a different algorithm: the rate of step :math:`t`
     comes from the hypergradient of step :math:`t-1`,
@@ -891,14 +913,14 @@ def hd_adam(
       \ \text{(or the additive form)},
 
     so the reduction that measures :math:`\langle g_t, d_{t-1}\rangle` (kept in
-    ``state.pending`` for the next step) no longer has to finish before the update: both can
-    run in Adam's single elementwise pass (a backend that fuses a reduction with elementwise
-    outputs, as XLA does on GPU, makes this step cost what Adam's does). The finiteness test
-    then acts per entry, in that pass: an entry whose gradient, direction or new moments are
-    not finite keeps its moments and gets a zero update; when any entry was not finite, the
-    learning rate, ``pending``, the schedule value and Adam's count are kept and
-    ``state.skipped`` counts the step (a NaN loss, which makes every entry NaN, gives exactly the
-    exact rule's skip).
+    ``state.pending`` for the next step) no longer has to finish before the update: both read
+    the same inputs and can run as one pass, Adam's, on a compiler that fuses a reduction with
+    elementwise outputs (multi-output fusion). XLA:CPU does not, so there the lagged rule costs
+    what the exact rule costs. The finiteness test acts per entry, within the update: an entry
+    whose gradient (or :math:`g^2`) is not finite keeps its moments and gets a zero update; when
+    any entry, or ``hyper_grads``, was not finite, the learning rate, ``pending``, the schedule
+    value and Adam's count are kept and ``state.skipped`` counts the step (a NaN loss, which
+    makes every entry NaN, gives exactly the exact rule's skip).
 
     Args:
       learning_rate: initial learning rate :math:`\alpha_0`, or a schedule :math:`s` (then
