@@ -116,8 +116,12 @@ def _bytes(compiled) -> float:
     return float(cost.get("bytes accessed", float("nan")))
 
 
-def benchmark(size, names, rounds, steps, seed, bar):
-    """Interleaved timing of every optimizer on one size; returns rows and per-round seconds."""
+def prepare(size, names, steps, seed):
+    """Compile and warm up every optimizer's training step on one size.
+
+    Returns ``(fns, info, meta)``: zero-argument functions that run ``steps`` steps each, the
+    state sizes and XLA byte counts per optimizer, and the model's description.
+    """
     hidden, batch = SIZES[size]
     sizes = [784, *hidden, 10]
     kx, ky, kp = jax.random.split(jax.random.key(seed), 3)
@@ -150,7 +154,12 @@ def benchmark(size, names, rounds, steps, seed, bar):
 
         jax.block_until_ready(run())  # warm up (first call, allocations)
         fns[name] = run
+    return fns, info, {"mlp": sizes, "batch": batch, "parameters": n_params}
 
+
+def time_rounds(fns, rounds, steps, bar):
+    """Seconds per step of every function, per round (``_common.timeit``, rotating order)."""
+    names = list(fns)
     times = {name: [] for name in names}
     for r in range(rounds):
         k = r % len(names)
@@ -159,7 +168,12 @@ def benchmark(size, names, rounds, steps, seed, bar):
         for name in names:
             times[name].append(timed[name]["median_ms"] / steps)
         bar.update(1)
+    return {name: np.asarray(t) for name, t in times.items()}
 
+
+def table_rows(size, times, info):
+    """Rows of one size's table: median ms per step, ratios to the baseline, state sizes."""
+    names = list(times)
     rows = []
     for name in names:
         base = OPTIMIZERS[name][0]
@@ -186,8 +200,7 @@ def benchmark(size, names, rounds, steps, seed, bar):
                 info[name]["update_bytes_per_param"] / info[base]["update_bytes_per_param"]
             )
         rows.append(row)
-    meta = {"mlp": sizes, "batch": batch, "parameters": n_params}
-    return rows, {name: np.asarray(t) for name, t in times.items()}, meta
+    return rows
 
 
 def plot(rows, metas, path):
@@ -268,22 +281,20 @@ def main(argv=None):
     t0 = time.perf_counter()
     names = list(args.optimizers)
 
-    bar = None
-    rows, times, metas = [], {}, {}
+    prepared, metas = {}, {}
     for size in args.sizes:
         _common.phase(
             f"{size}: compiling {len(names)} training steps and optimizer updates",
             quiet=args.no_progress,
         )
-        if bar is None:
-            bar = _common.progress(
-                total=len(args.sizes) * args.rounds, desc=NAME, disable=args.no_progress
-            )
+        fns, info, metas[size] = prepare(size, names, args.steps, args.seed)
+        prepared[size] = (fns, info)
+    bar = _common.progress(total=len(args.sizes) * args.rounds, desc=NAME, disable=args.no_progress)
+    rows, times = [], {}
+    for size, (fns, info) in prepared.items():
         bar.set_postfix_str(size)
-        r, t, meta = benchmark(size, names, args.rounds, args.steps, args.seed, bar)
-        rows += r
-        times[size] = t
-        metas[size] = meta
+        times[size] = time_rounds(fns, args.rounds, args.steps, bar)
+        rows += table_rows(size, times[size], info)
     bar.close()
 
     device = jax.devices()[0]
