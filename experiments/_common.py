@@ -1135,13 +1135,15 @@ def plot_stn(
     *,
     method: str = "STN",
     baselines: Sequence[dict] = (),
+    reference: tuple[float, float, str] | None = None,
 ) -> None:
     """Validation cross-entropy and one panel per hyperparameter schedule of an STN run.
 
     ``baselines`` are dicts ``{"label", "result", "color", "ls"}`` (a :func:`fixed_job` result):
     their validation curves share the first panel, their fixed values are horizontal lines in the
-    hyperparameter panels. The STN is drawn in ``color(method)`` everywhere; the warm-up, if any,
-    is shaded. The legend has a panel of its own.
+    hyperparameter panels. ``reference = (low, high, label)`` shades a published range of the
+    validation loss. The STN is drawn in ``color(method)`` everywhere; the warm-up, if any, is
+    shaded. The legend has a panel of its own.
     """
     plt = pyplot()
     n_panels = 1 + len(names)
@@ -1154,6 +1156,8 @@ def plot_stn(
     epochs = max(r["curve"][-1]["epoch"] for r in [result, *(b["result"] for b in baselines)])
 
     ax = axes[0]
+    if reference is not None:
+        ax.axhspan(reference[0], reference[1], color="#2ca02c", alpha=0.2, label=reference[2])
     for b in baselines:
         ax.plot(
             [c["epoch"] for c in b["result"]["curve"]],

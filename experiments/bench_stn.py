@@ -5,8 +5,10 @@ them as ``batches / 5`` cycles of ``Trainer.step`` (5 train steps at per-example
 hyperparameters + 1 hyper step each, i.e. 20% extra validation steps); the plain epoch runs the
 same train steps on the same MLP built from ``nnx.Linear``, with the same dropout and input noise
 at fixed rates. Both are one jitted ``lax.scan`` per epoch, compiled beforehand, timed
-interleaved; the ratio of medians is printed. A per-example best-response layer does two matmuls
-(``W_e`` and ``W_r``) where a plain layer does one, so about 2x is expected; target <= 2.2x.
+interleaved; the ratio of medians is printed. PRNG keys are JAX's default (threefry), as in
+user code. A per-example best-response layer does two matmuls (``W_e`` and ``W_r``) where a plain
+layer does one, so about 2x is expected; target <= 2.2x. On a shared CPU the ratio moves by about
+0.1 from run to run.
 
     python -m experiments.bench_stn               # MLP 64-256-256-10
     python -m experiments.bench_stn --model cnn   # the stn_mnist_cnn network
@@ -78,7 +80,7 @@ def main(argv=None):
 
     # --- STN: Trainer.fit, one chunk = one epoch.
     trainer = stn.Trainer(
-        make_stn(nnx.Rngs(_common.stn_key(args.seed))),
+        make_stn(nnx.Rngs(jax.random.key(args.seed))),
         *losses,
         space=space,
         inner_optimizer=optax.adam(1e-3),
@@ -86,7 +88,7 @@ def main(argv=None):
         inner_steps=5,
     )
     cycles = args.batches // 5
-    state = trainer.init(key=_common.stn_key(args.seed))
+    state = trainer.init(key=jax.random.key(args.seed))
 
     def stn_epoch(state):
         state, _ = trainer.fit(
@@ -101,7 +103,7 @@ def main(argv=None):
         return jax.block_until_ready(state)
 
     # --- plain network, same regularizers at fixed rates.
-    graphdef, params = nnx.split(make_plain(nnx.Rngs(_common.stn_key(args.seed))))
+    graphdef, params = nnx.split(make_plain(nnx.Rngs(jax.random.key(args.seed))))
     tx = optax.adam(1e-3)
     # The STN's initial values, fixed.
     rates = {
@@ -128,7 +130,7 @@ def main(argv=None):
         (p, s), _ = jax.lax.scan(body, (p, s), (batches, jnp.arange(args.batches)))
         return p, s, key, step + 1
 
-    plain = (params, tx.init(params), _common.stn_key(args.seed), jnp.int32(0))
+    plain = (params, tx.init(params), jax.random.key(args.seed), jnp.int32(0))
 
     def plain_epoch(carry):
         return jax.block_until_ready(plain_epoch_fn(carry))
@@ -192,7 +194,13 @@ def plot(path, t_plain, t_stn, model, setup) -> None:
     plt = _common.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ms_plain, ms_stn = np.array(t_plain) * 1e3, np.array(t_stn) * 1e3
-    box = ax.boxplot([ms_plain, ms_stn], widths=0.5, patch_artist=True)
+    box = ax.boxplot(
+        [ms_plain, ms_stn],
+        widths=0.5,
+        patch_artist=True,
+        showfliers=False,  # every epoch is drawn as a dot
+        medianprops=dict(color="k", lw=2),
+    )
     for patch, name in zip(box["boxes"], ("baseline", "stn"), strict=True):
         patch.set(facecolor=_common.color(name), alpha=0.5)
     for k, ms in enumerate((ms_plain, ms_stn), start=1):
@@ -200,6 +208,7 @@ def plot(path, t_plain, t_stn, model, setup) -> None:
     target = TARGET * float(np.median(ms_plain))
     ax.axhline(target, color=_common.color("oracle"), ls="--", label=f"target: {TARGET:g}x plain")
     ax.set_xticks([1, 2], ["plain network", "STN"])
+    ax.plot([], [], "k.", label="one timed epoch (box: quartiles, bar: median)")
     ratio = float(np.median(ms_stn) / np.median(ms_plain))
     ax.set(
         ylabel="wall time per epoch (ms)",
