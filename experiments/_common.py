@@ -573,11 +573,14 @@ def variant_label(variant: str) -> str:
 class StnMlp(nnx.Module):
     """MLP of best-response layers with per-example input/hidden dropout."""
 
-    def __init__(self, sizes, num_hparams, *, rngs):
+    def __init__(self, sizes, num_hparams, *, response_rank=None, rngs):
         from bilevel import stn
 
         self.layers = nnx.List(
-            [stn.StnLinear(a, b, num_hparams, rngs=rngs) for a, b in itertools.pairwise(sizes)]
+            [
+                stn.StnLinear(a, b, num_hparams, response_rank=response_rank, rngs=rngs)
+                for a, b in itertools.pairwise(sizes)
+            ]
         )
 
     def __call__(self, x, hnet, drop_in=None, drop_hidden=None, key=None):

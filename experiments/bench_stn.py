@@ -33,12 +33,12 @@ NAME = "bench_stn"
 TARGET = 2.2  # STN epoch / plain epoch
 
 
-def _models(kind, width):
+def _models(kind, width, response_rank=None):
     """``(make_stn, make_plain, input_shape, space, losses, plain_loss)`` for ``--model``."""
     if kind == "mlp":
         sizes = (64, width, width, 10)
         return (
-            (lambda rngs: _common.StnMlp(sizes, 3, rngs=rngs)),
+            (lambda rngs: _common.StnMlp(sizes, 3, response_rank=response_rank, rngs=rngs)),
             (lambda rngs: _common.PlainMlp(sizes, rngs=rngs)),
             (64,),
             _common.digits_space(),
@@ -63,14 +63,24 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128, help="examples per train step")
     parser.add_argument("--batches", type=int, default=40, help="train steps per epoch")
     parser.add_argument("--reps", type=int, default=15, help="timed epochs of each network")
+    parser.add_argument(
+        "--response-rank",
+        type=int,
+        default=None,
+        help="low-rank response kernels W_r = P Q of this rank (mlp only; default: full)",
+    )
     args = parser.parse_args(argv)
+    if args.response_rank is not None and args.model != "mlp":
+        parser.error("--response-rank applies to --model mlp only")
     if args.smoke:
         args.width, args.batches, args.reps = 32, 5, 3
     if args.batches % 5:
         parser.error("--batches must be a multiple of 5 (train steps per STN cycle)")
     out = _common.results_dir(args)
     quiet = args.no_progress
-    make_stn, make_plain, shape, space, losses, plain_loss = _models(args.model, args.width)
+    make_stn, make_plain, shape, space, losses, plain_loss = _models(
+        args.model, args.width, args.response_rank
+    )
 
     n = args.batches * args.batch_size
     rs = np.random.RandomState(args.seed)
