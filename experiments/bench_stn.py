@@ -225,7 +225,7 @@ def plot(path, t_plain, t_stn, model, setup) -> None:
         ylim=(0, 1.15 * max(ms_stn.max(), target)),
         title=f"STN / plain = {ratio:.2f}x ({model})\n{setup}",
     )
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False, fontsize=9)
     _common.save_figure(fig, path, dpi=120)
 
 
