@@ -223,7 +223,15 @@ def plot(rows, metas, path):
         bars = ax.bar(pos, [r["ratio"] for r in rs], color=colors)
         for b, h in zip(bars, hatches, strict=True):
             b.set_hatch(h)
-        ax.bar([], [], color="0.6", label="measured: ratio of medians (hatched: lagged, stored)")
+        ax.add_patch(
+            plt.Rectangle(
+                (0, 0),
+                0,
+                0,
+                color="0.6",
+                label="measured: ratio of medians (hatched: lagged, stored)",
+            )
+        )
         ax.errorbar(
             pos,
             [r["ratio"] for r in rs],
