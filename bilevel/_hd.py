@@ -787,6 +787,13 @@ def hd_sgd(
     SGD and Nesterov need :math:`g_{t-1}` and store it in ``state.prev_direction``.
     ``lagged=True`` (heavy ball only) is the one-step-lagged rule of :func:`hd_adam`.
 
+    Limit: SGD's direction is not normalized, so where the directions agree for long and the
+    curvature then rises (Rosenbrock's valley from :math:`(0, 0)`), the rate can grow past the
+    stability limit before the signal turns, and the iterate diverges (its gradient then
+    overflows and every later step is skipped). Bound the rate there,
+    ``lr_bounds=(None, hi)`` with ``hi`` at most about :math:`2 (1 + \mu) / L` for curvature
+    :math:`L`; :func:`hd_adam`, whose step is normalized, did not need it in the tests.
+
     Args:
       learning_rate: initial learning rate :math:`\alpha_0`, or a schedule.
       hyper_lr: hypergradient step size :math:`\beta`: ``None`` for the default multiplicative

@@ -630,6 +630,12 @@ CONTRACT = {
     "hd_adam_mult_per_leaf": lambda: bilevel.hd_adam(
         1e-2, 1e-3, multiplicative=True, per_leaf=True
     ),
+    # the defaults (multiplicative rule, hyper_lr=DEFAULT_HYPER_LR) and the lagged rule
+    "hd_adam_default": lambda: bilevel.hd_adam(1e-2),
+    "hd_adam_lagged": lambda: bilevel.hd_adam(1e-2, lagged=True),
+    # bounded: on rosenbrock the unbounded default outgrows the stability limit (see
+    # test_hd_defaults.py::test_sgd_default_needs_a_bound_where_curvature_rises)
+    "hd_sgd_momentum_default": lambda: bilevel.hd_sgd(1e-3, momentum=0.9, lr_bounds=(None, 2e-3)),
 }
 
 
@@ -766,7 +772,9 @@ def test_can_be_wrapped_in_inject_hyperparams(factory, hparams):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
-@pytest.mark.parametrize("name", ["hd_sgd_nesterov", "hd_adam_mult_per_leaf"])
+@pytest.mark.parametrize(
+    "name", ["hd_sgd_nesterov", "hd_adam_mult_per_leaf", "hd_adam_default", "hd_adam_lagged"]
+)
 def test_state_dtype_stable_under_cond(name, dtype):
     with jax.enable_x64(dtype == "float64"):
         dtype = jnp.dtype(dtype)

@@ -170,3 +170,32 @@ def test_defaults_do_not_hurt_a_good_rate(digits_runs, pixels):
     for lr in ("1e-3", "1e-2"):
         assert r[f"hd_adam({lr})"] <= 1.05 * r[f"adam({lr})"] + 0.01
     assert r["hd_adam(1e-3, lagged)"] <= 1.05 * r["adam(1e-3)"] + 0.01
+
+
+def test_sgd_default_needs_a_bound_where_curvature_rises():
+    """A documented limit: Rosenbrock from (0, 0) with SGD directions (not normalized).
+
+    Along the valley the directions agree and the default rule grows the rate past the
+    stability limit (2 (1 + mu) / 1000 near the minimum) before the curvature rises; the
+    iterate blows up, its gradient overflows and every later step is skipped. An upper bound
+    on the rate (``lr_bounds``) prevents it; Adam's normalized direction does not need one.
+    """
+
+    def run(tx):
+        objective = lambda p: (1 - p[0]) ** 2 + 100 * (p[1] - p[0] ** 2) ** 2
+
+        def step(carry, _):
+            p, s = carry
+            updates, s = tx.update(jax.grad(objective)(p), s, p)
+            return (optax.apply_updates(p, updates), s), None
+
+        (p, s), _ = jax.jit(lambda c: jax.lax.scan(step, c, length=10_000))(
+            (jnp.zeros(2), tx.init(jnp.zeros(2)))
+        )
+        return float(objective(p)), int(s.skipped)
+
+    assert run(bilevel.hd_sgd(1e-3, momentum=0.9))[1] > 0  # diverged, then stuck
+    loss, skipped = run(bilevel.hd_sgd(1e-3, momentum=0.9, lr_bounds=(None, 2e-3)))
+    assert loss < 1e-6 and skipped == 0
+    loss, skipped = run(bilevel.hd_adam(1e-2))
+    assert loss < 1e-6 and skipped == 0
