@@ -225,79 +225,50 @@ def initial_hparams(space, seed: int):
 
 def run_online(name, problem, args, seeds, bar) -> list[dict]:
     """One compiled tuner of ``name``; one run per seed (seeds move the initial hyperparameters)."""
-    method, outer_opt = make_method(name, problem, args)
-    opt = bilevel.BilevelOptimizer(
-        problem["inner"],
-        problem["outer"],
-        inner_optimizer=problem["inner_optimizer"],
-        outer_optimizer=outer_opt,
-        space=problem["space"],
-        method=method,
-        inner_steps=args.inner_steps,
-    )
-    step = jax.jit(opt.step)
-    inner_b, outer_b = problem["inner_batch"], problem["outer_batch"]
+    if name == "maid":
+        tuner = bilevel.MAID(
+            problem["inner"],
+            problem["outer"],
+            space=problem["space"],
+            inner_optimizer=problem["inner_optimizer"],
+        )
+        inner_b = problem["inner_batch"][0]  # MAID takes the full data, not stacked batches
+        cost = lambda metrics, n_h, total: int(metrics["cumulative_cost"])
+    else:
+        method, outer_opt = make_method(name, problem, args)
+        tuner = bilevel.BilevelOptimizer(
+            problem["inner"],
+            problem["outer"],
+            inner_optimizer=problem["inner_optimizer"],
+            outer_optimizer=outer_opt,
+            space=problem["space"],
+            method=method,
+            inner_steps=args.inner_steps,
+        )
+        inner_b = problem["inner_batch"]
+        cost = lambda metrics, n_h, total: (
+            total + oracle_calls(name, metrics, args.inner_steps, n_h, args)
+        )
+    step = jax.jit(tuner.step)
+    outer_b = problem["outer_batch"]
     runs = []
     for seed in seeds:
-        state = opt.init(problem["params"], initial_hparams(problem["space"], seed))
+        state = tuner.init(problem["params"], initial_hparams(problem["space"], seed))
         if not runs:
             jax.block_until_ready(step(state, inner_b, outer_b))  # compile outside the clock
         n_h = sum(np.size(a) for a in jax.tree.leaves(state.hparams))
-        rows, wall, calls = [], 0.0, 0
-        rows.append(
-            {"step": 0, "seconds": 0.0, "oracle_calls": 0, "value": problem["value"](state, opt)}
-        )
+        value = lambda state: problem["value"](state, tuner)
+        rows = [{"step": 0, "seconds": 0.0, "oracle_calls": 0, "value": value(state)}]
+        wall, calls = 0.0, 0
         for t in range(1, args.outer_steps + 1):
             t0 = time.perf_counter()
             state, metrics = step(state, inner_b, outer_b)
             jax.block_until_ready(state.hparams)
             wall += time.perf_counter() - t0
-            calls += oracle_calls(name, metrics, args.inner_steps, n_h, args)
+            calls = cost(metrics, n_h, calls)
             if t % args.eval_every == 0 or t == args.outer_steps:
                 rows.append(
-                    {
-                        "step": t,
-                        "seconds": wall,
-                        "oracle_calls": calls,
-                        "value": problem["value"](state, opt),
-                    }
-                )
-            bar.update(1)
-        runs.append({"rows": rows, "skipped": int(state.skipped), "seed": seed})
-    return runs
-
-
-def run_maid(problem, args, seeds, bar) -> list[dict]:
-    maid = bilevel.MAID(
-        problem["inner"],
-        problem["outer"],
-        space=problem["space"],
-        inner_optimizer=problem["inner_optimizer"],
-    )
-    step = jax.jit(maid.step)
-    inner_b, outer_b = problem["inner_batch"][0], problem["outer_batch"]
-    runs = []
-    for seed in seeds:
-        state = maid.init(problem["params"], initial_hparams(problem["space"], seed))
-        if not runs:
-            jax.block_until_ready(step(state, inner_b, outer_b))
-        rows, wall = [], 0.0
-        rows.append(
-            {"step": 0, "seconds": 0.0, "oracle_calls": 0, "value": problem["value"](state, maid)}
-        )
-        for t in range(1, args.outer_steps + 1):
-            t0 = time.perf_counter()
-            state, metrics = step(state, inner_b, outer_b)
-            jax.block_until_ready(state.hparams)
-            wall += time.perf_counter() - t0
-            if t % args.eval_every == 0 or t == args.outer_steps:
-                rows.append(
-                    {
-                        "step": t,
-                        "seconds": wall,
-                        "oracle_calls": int(metrics["cumulative_cost"]),
-                        "value": problem["value"](state, maid),
-                    }
+                    {"step": t, "seconds": wall, "oracle_calls": calls, "value": value(state)}
                 )
             bar.update(1)
         runs.append({"rows": rows, "skipped": int(state.skipped), "seed": seed})
@@ -400,8 +371,7 @@ def main(argv=None):
             else:
                 built[p] = cleaning_problem(args.seed, args.noise, 300 if args.smoke else 3000)
         bar.set_postfix_str(f"{p}/{m}")
-        run = run_maid if m == "maid" else lambda *a, m=m: run_online(m, *a)
-        results[p][m] = run(built[p], args, seeds, bar)
+        results[p][m] = run_online(m, built[p], args, seeds, bar)
     bar.close()
 
     table, summary_rows = [], []

@@ -164,7 +164,7 @@ def time_rounds(fns, rounds, steps, bar):
     for r in range(rounds):
         k = r % len(names)
         order = names[k:] + names[:k]
-        timed = _common.timeit({name: fns[name] for name in order}, 1, disable=True, warmup=0)
+        timed = _common.timeit({name: fns[name] for name in order}, 1, warmup=0)
         for name in names:
             times[name].append(timed[name]["median_ms"] / steps)
         bar.update(1)
