@@ -49,6 +49,11 @@ class BilevelState(NamedTuple):
       inner_skipped: inner steps not applied likewise (int32).
       key: a PRNG key for the training loop's own use (data order, dropout); see
         :meth:`BilevelOptimizer.sample_batches`. Not consumed by :meth:`BilevelOptimizer.step`.
+      fixed_hparams: the values of the hyperparameters this tuner does not tune (the
+        ``fixed_hparams`` given to :class:`BilevelOptimizer`; ``{}`` when none). The losses and
+        an inner optimizer built from hyperparameters see them; nothing differentiates them.
+        Change them between steps with ``state._replace(fixed_hparams=...)`` (a schedule, or
+        :mod:`bilevel.pbt` writing each member's values).
     """
 
     params: PyTree
@@ -60,6 +65,7 @@ class BilevelState(NamedTuple):
     skipped: jax.Array
     inner_skipped: jax.Array
     key: jax.Array
+    fixed_hparams: PyTree = {}  # noqa: RUF012 - never mutated; NamedTuple defaults are shared
 
 
 # ----------------------------------------------------------------------------- losses
@@ -156,18 +162,25 @@ class TrainingLoop(solvers.InnerLoop):
     hyperparameters ``u`` (``constrain`` maps them to the values the loss sees; the identity for
     the one-shot :func:`hypergradient`). Each step is applied through :func:`solvers.guard`: only
     when the loss, the gradient, the new parameters and the new optimizer state are finite. The
-    implicit system is the inner gradient on the last batch.
+    implicit system is the inner gradient on the last batch. ``optimizer`` is an Optax
+    transformation or a function ``h -> transformation`` (an optimizer built from the
+    hyperparameters, rebuilt at every step from the current ``h``).
     """
 
     def __init__(self, inner, optimizer, constrain, num_steps, *, xs=None, shared=None):
         self.inner, self.opt, self.constrain = inner, optimizer, constrain
         self.num_steps, self.xs, self.shared = num_steps, xs, shared
 
+    def optimizer(self, h) -> optax.GradientTransformationExtraArgs:
+        """The inner optimizer at hyperparameters ``h``."""
+        opt = self.opt if isinstance(self.opt, optax.GradientTransformation) else self.opt(h)
+        return optax.with_extra_args_support(opt)
+
     def step(self, carry, u, batch):
         h = self.constrain(u)
         (value, _), grad = jax.value_and_grad(self.inner, has_aux=True)(carry.params, h, batch)
         value_fn = lambda p: self.inner(p, h, batch)[0]
-        updates, new_state = self.opt.update(
+        updates, new_state = self.optimizer(h).update(
             grad, carry.inner_state, carry.params, value=value, grad=grad, value_fn=value_fn
         )
         new_params = optax.apply_updates(carry.params, updates)
@@ -191,6 +204,84 @@ class TrainingLoop(solvers.InnerLoop):
 
     def optimality(self, params, u):
         return jax.grad(lambda p: self.inner(p, self.constrain(u), self.last_input())[0])(params)
+
+
+def _merge(h: PyTree, fixed: PyTree) -> PyTree:
+    """The tuned values ``h`` and the fixed ones in one dict (``fixed`` never differentiated)."""
+    if not fixed:
+        return h
+    return HparamDict({**h, **jax.lax.stop_gradient(dict(fixed))})
+
+
+class _Reads(HparamDict):
+    """An :class:`HparamDict` that records which keys were read."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read: set = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+
+def _check_fixed(space: PyTree, fixed: Any) -> dict:
+    if fixed is None:
+        return {}
+    if not isinstance(fixed, dict):
+        raise TypeError(
+            f"fixed_hparams must be a dict of hyperparameter values, got {type(fixed).__name__}"
+        )
+    if fixed and not isinstance(space, dict):
+        raise TypeError(
+            "fixed_hparams needs a dict space (the losses receive one dict holding the tuned "
+            f"and the fixed values); the space is a {type(space).__name__}"
+        )
+    both = sorted(set(fixed) & set(space))
+    if both:
+        raise ValueError(
+            f"hyperparameter(s) {both} are both in space (tuned by hypergradient) and in "
+            "fixed_hparams (held fixed / set by another tuner such as bilevel.pbt): a "
+            "hyperparameter belongs to exactly one of them"
+        )
+    out = {}
+    for k, v in fixed.items():
+        kind = np.asarray(v).dtype.kind if T.is_concrete(v) else jnp.result_type(v).kind
+        if kind not in "biuf":
+            raise TypeError(f"fixed_hparams[{k!r}] must be a real number or array, got {v!r}")
+        out[k] = jnp.asarray(v)
+    return out
+
+
+def _check_inner_factory(factory, space, u0, fixed, method) -> None:
+    """An optimizer built from tuned hyperparameters needs a method that differentiates steps."""
+    h = _Reads(_merge(_values(space, u0), fixed)) if isinstance(space, dict) else None
+    try:
+        opt = factory(h if h is not None else _values(space, u0))
+    except Exception as e:  # the factory's own error, with the context it lacks
+        raise TypeError(
+            f"inner_optimizer(h) failed on the initial hyperparameters: {type(e).__name__}: {e}. "
+            "inner_optimizer must be an optax.GradientTransformation or a function "
+            "h -> optax.GradientTransformation of the (constrained) hyperparameter dict"
+        ) from e
+    if not isinstance(opt, optax.GradientTransformation):
+        raise TypeError(
+            f"inner_optimizer(h) must return an optax.GradientTransformation, got {opt!r}"
+        )
+    if method.differentiates_steps:
+        return
+    tuned = sorted(map(str, set(h.read) & set(space))) if h is not None else ["(the space)"]
+    if tuned:
+        raise ValueError(
+            f"inner_optimizer is built from tuned hyperparameter(s) {tuned}, but {method!r} does "
+            "not differentiate through the inner steps (it sees only the losses), so their "
+            "hypergradient would be zero. Use solvers.Truncated(steps=K), solvers.Unrolled() or "
+            "bilevel.Forward(), or move them to fixed_hparams (set by a schedule or bilevel.pbt)"
+        )
 
 
 def _masked_mean(values, applied):
@@ -275,7 +366,13 @@ class BilevelOptimizer:
       inner_loss: ``inner_loss(params, h, batch) -> scalar`` (``(scalar, aux)`` if ``has_aux``),
         ``h`` the constrained hyperparameters (a dict when the space is a dict).
       outer_loss: ``outer_loss(params, h, batch) -> scalar`` (or ``(scalar, aux)``).
-      inner_optimizer: Optax transformation for the parameters.
+      inner_optimizer: Optax transformation for the parameters, or a function
+        ``h -> transformation`` building it from the hyperparameters, e.g.
+        ``lambda h: optax.adam(h["lr"])`` (rebuilt at every inner step; optimizer state
+        structures must not depend on ``h``). Methods that differentiate through the inner steps
+        (Truncated, Unrolled, Forward) differentiate the tuned ones it reads; under Implicit
+        (which sees only the losses) it may read only ``fixed_hparams`` (a clear error
+        otherwise).
       outer_optimizer: Optax transformation for the unconstrained hyperparameters (first order:
         a line search has no outer objective to evaluate).
       space: hyperparameter space (pytree of :mod:`bilevel.hparams` specs).
@@ -284,6 +381,10 @@ class BilevelOptimizer:
       has_aux: the losses return ``(value, aux)``; the last aux values are in the metrics.
       throw: raise (inside ``jit`` too) when an outer step ends ``NONFINITE`` or with a failed
         linear solve, instead of reporting it in ``metrics["status"]``.
+      fixed_hparams: values of hyperparameters the losses (and ``inner_optimizer``) see but this
+        tuner does not tune, e.g. ``{"lr": 1e-3, "dropout": 0.1}``; the space must be a dict and
+        share no key with them. They live in ``state.fixed_hparams`` (so a population holds one
+        value per member and a schedule or :mod:`bilevel.pbt` may rewrite them between steps).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, solvers, bilevel
@@ -316,22 +417,36 @@ class BilevelOptimizer:
         inner_steps: int,
         has_aux: bool = False,
         throw: bool = False,
+        fixed_hparams: dict[str, Any] | None = None,
     ):
         for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
             if not callable(fn):
                 raise TypeError(f"{name} must be a callable loss(params, h, batch), got {fn!r}")
-        for name, o in (("inner_optimizer", inner_optimizer), ("outer_optimizer", outer_optimizer)):
-            if not isinstance(o, optax.GradientTransformation):
-                raise TypeError(f"{name} must be an optax.GradientTransformation, got {o!r}")
+        if not isinstance(outer_optimizer, optax.GradientTransformation):
+            raise TypeError(
+                f"outer_optimizer must be an optax.GradientTransformation, got {outer_optimizer!r}"
+            )
+        if not (
+            isinstance(inner_optimizer, optax.GradientTransformation) or callable(inner_optimizer)
+        ):
+            raise TypeError(
+                "inner_optimizer must be an optax.GradientTransformation or a function "
+                f"h -> optax.GradientTransformation, got {inner_optimizer!r}"
+            )
         self.inner_steps = checks.integer("inner_steps", inner_steps)
         _check_method(method, self.inner_steps)
         self._u0 = hp.init(space)  # validates the space
         _check_outer_optimizer(outer_optimizer, self._u0)
+        self.fixed_hparams = _check_fixed(space, fixed_hparams)
+        if not isinstance(inner_optimizer, optax.GradientTransformation):
+            _check_inner_factory(inner_optimizer, space, self._u0, self.fixed_hparams, method)
+            self.inner_optimizer = inner_optimizer
+        else:
+            self.inner_optimizer = optax.with_extra_args_support(inner_optimizer)
         self.space = space
         self.method = method
         self.has_aux = bool(has_aux)
         self.throw = bool(throw)
-        self.inner_optimizer = optax.with_extra_args_support(inner_optimizer)
         self.outer_optimizer = optax.with_extra_args_support(outer_optimizer)
         self._inner = _loss(inner_loss, "inner_loss", self.has_aux)
         self._outer = _loss(outer_loss, "outer_loss", self.has_aux)
@@ -371,9 +486,10 @@ class BilevelOptimizer:
             ):
                 raise ValueError("hparams contains non-finite values")
         key = _typed_key(key)
-        inner_state = self.inner_optimizer.init(params)
+        loop = self._loop(None, self.fixed_hparams)
+        inner_state = loop.optimizer(loop.constrain(u)).init(params)
         carry = _Carry(params, inner_state, jnp.asarray(0, jnp.int32))
-        method_state = self.method.init(self._loop(None), carry, u)
+        method_state = self.method.init(loop, carry, u)
         zero = jnp.asarray(0, jnp.int32)
         return BilevelState(
             params,
@@ -385,11 +501,13 @@ class BilevelOptimizer:
             zero,
             zero,
             key,
+            dict(self.fixed_hparams),
         )
 
     def hparams(self, state: BilevelState) -> PyTree:
-        """Constrained hyperparameter values of ``state``."""
-        return hp.constrain(self.space, state.hparams)
+        """Constrained hyperparameter values of ``state`` (with its ``fixed_hparams``, if any)."""
+        h = hp.constrain(self.space, state.hparams)
+        return {**h, **state.fixed_hparams} if state.fixed_hparams else h
 
     def params(self, state: BilevelState) -> PyTree:
         """Model parameters of ``state``."""
@@ -486,7 +604,7 @@ class BilevelOptimizer:
         return self._warmup(state, inner_batches)
 
     def _warmup_impl(self, state, inner_batches):
-        loop = self._loop(inner_batches)
+        loop = self._loop(inner_batches, state.fixed_hparams)
         carry = _Carry(state.params, state.inner_state, state.inner_skipped)
         carry, (values, applied) = loop.run(
             carry, state.hparams, 0, loop.num_steps, differentiable=False
@@ -571,8 +689,8 @@ class BilevelOptimizer:
 
     # ------------------------------------------------------------------ internals
 
-    def _loop(self, inner_batches) -> TrainingLoop:
-        constrain = lambda u: _values(self.space, u)
+    def _loop(self, inner_batches, fixed) -> TrainingLoop:
+        constrain = lambda u: _merge(_values(self.space, u), fixed)
         if inner_batches is None:
             return TrainingLoop(self._inner, self.inner_optimizer, constrain, self.inner_steps)
         if jnp.shape(jax.tree.leaves(inner_batches)[0])[0] == 1 and self.inner_steps != 1:
@@ -603,7 +721,7 @@ class BilevelOptimizer:
             )
 
     def _step_impl(self, state, inner_batches, outer_batch):
-        loop = self._loop(inner_batches)
+        loop = self._loop(inner_batches, state.fixed_hparams)
         carry = _Carry(state.params, state.inner_state, state.inner_skipped)
         expected = jax.eval_shape(lambda: self.method.init(loop, carry, state.hparams))
         try:
@@ -616,7 +734,7 @@ class BilevelOptimizer:
             ) from None
 
         def outer(p, u):
-            return self._outer(p, _values(self.space, u), outer_batch)
+            return self._outer(p, loop.constrain(u), outer_batch)
 
         hg = self.method.hypergradient(loop, carry, state.hparams, outer, state.method_state)
         carry = hg.carry
@@ -647,6 +765,7 @@ class BilevelOptimizer:
             skipped=r.skipped,
             inner_skipped=carry.inner_skipped,
             key=state.key,
+            fixed_hparams=state.fixed_hparams,
         )
         metrics = {
             "inner_loss": _masked_mean(values, applied),
@@ -662,7 +781,7 @@ class BilevelOptimizer:
             "inner_skipped": state.inner_skipped,
         }
         if self.has_aux:
-            h = _values(self.space, state.hparams)
+            h = loop.constrain(state.hparams)
             metrics["inner_aux"] = self._inner(carry.params, h, loop.last_input())[1]
             metrics["outer_aux"] = hg.aux
         return state, metrics
