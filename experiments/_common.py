@@ -751,6 +751,31 @@ def fmt_hparams(h: dict) -> str:
     return " ".join(f"{k}={v:.3g}" for k, v in h.items())
 
 
+def stn_summary(
+    rows: Sequence[dict], setup: str, what: str, result: Callable[[dict], str], target: str
+) -> list[dict[str, str]]:
+    """Summary rows of an STN experiment: the STN's first, with ``target``; the baselines after.
+
+    Args:
+      rows: the printed table's rows (:func:`stn_row`), the tuned method first.
+      setup: the experiment's setup (model, data, epochs).
+      what: the measured quantity, e.g. ``"val xent / test acc"``.
+      result: formats one row's result.
+      target: the target of the first row (the others get ``"-"``).
+
+    Returns:
+      Rows for :func:`write_summary`.
+    """
+    return [
+        {
+            "what": f"{setup}: {row['method']}, {what}",
+            "result": result(row),
+            "target": target if i == 0 else "-",
+        }
+        for i, row in enumerate(rows)
+    ]
+
+
 def stn_row(method: str, result: dict, seconds: float) -> dict:
     """A results-table row of a :func:`stn_job` or :func:`fixed_job` result.
 

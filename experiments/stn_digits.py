@@ -176,14 +176,13 @@ def main(argv=None):
         "train vmapped, their time is split evenly). Reference: PyTorch STN val xent ~0.05-0.06",
     )
     setup = f"digits MLP, {args.epochs} epochs"
-    summary = [
-        {
-            "what": f"{setup}: {row['method']}, val xent final / best",
-            "result": f"{row['val_xent']:.4g} / {row['best_val_xent']:.4g}",
-            "target": "0.05-0.06 (PyTorch STN)" if i == 0 else "-",
-        }
-        for i, row in enumerate(rows)
-    ]
+    summary = _common.stn_summary(
+        rows,
+        setup,
+        "val xent final / best",
+        lambda row: f"{row['val_xent']:.4g} / {row['best_val_xent']:.4g}",
+        "0.05-0.06 (PyTorch STN)",
+    )
     wall = time.perf_counter() - wall
     _common.write_summary(out, NAME, summary, seconds=wall, smoke=args.smoke)
     _common.done(out, wall)

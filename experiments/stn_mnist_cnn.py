@@ -145,14 +145,13 @@ def main(argv=None):
         "of the per-epoch evaluations",
     )
     setup = f"MNIST 5k CNN ({n_train} train), {args.epochs} epochs"
-    summary = [
-        {
-            "what": f"{setup}: {row['method']}, val xent / test acc",
-            "result": f"{row['val_xent']:.4g} / {row['test_acc']:.1%}",
-            "target": "val xent below the unregularized CNN's" if i == 0 else "-",
-        }
-        for i, row in enumerate(rows)
-    ]
+    summary = _common.stn_summary(
+        rows,
+        setup,
+        "val xent / test acc",
+        lambda row: f"{row['val_xent']:.4g} / {row['test_acc']:.1%}",
+        "val xent below the unregularized CNN's",
+    )
     wall = time.perf_counter() - wall
     _common.write_summary(out, NAME, summary, seconds=wall, smoke=args.smoke)
     _common.done(out, wall)
