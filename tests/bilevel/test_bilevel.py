@@ -508,6 +508,20 @@ SHARDING_SCRIPT = textwrap.dedent(
         assert len(sb[0].sharding.device_set) == 4
         np.testing.assert_allclose(s2.hparams["lam"], s1.hparams["lam"], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(s2.params, s1.params, rtol=1e-4, atol=1e-6)
+
+        # A population of 8 tuners: its leading axis sharded over the 4 devices.
+        lams = jnp.logspace(-3, 0, 8)
+        pop = jax.vmap(lambda lam: opt.init(jnp.zeros(8), hparams={"lam": jnp.log(lam)}))(lams)
+        vstep = jax.jit(jax.vmap(opt.step, in_axes=(0, None, None)))
+        p1 = pop
+        for _ in range(3):
+            p1, _ = vstep(p1, batches, (Xv, yv))
+        p2 = jax.device_put(pop, NamedSharding(mesh, P("data")))
+        for _ in range(3):
+            p2, _ = vstep(p2, batches, (Xv, yv))
+        assert len(p2.params.sharding.device_set) == 4
+        np.testing.assert_allclose(p2.hparams["lam"], p1.hparams["lam"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(p2.params, p1.params, rtol=1e-4, atol=1e-6)
     print("SHARDING OK")
     """
 )
