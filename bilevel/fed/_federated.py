@@ -113,7 +113,8 @@ class Federated:
 
     .. math::
 
-      w \leftarrow w - \alpha_t b_k d_k, \qquad d_k = \text{client\_direction}(\nabla f(w; \text{batch}_k)),
+      w \leftarrow w - \alpha_t b_k d_k, \qquad
+      d_k = \text{client\_direction}\big(\nabla f(w; \text{batch}_k)\big),
 
     with :math:`\alpha_t` the local rate (``state.learning_rate``) and :math:`b_k = 1` unless
     FedHyper-CL adapts it. The server averages the updates :math:`\Delta^i_t = w^i - x_t`
@@ -435,8 +436,14 @@ class Federated:
           data: every client's padded data (:func:`bilevel.fed.pad_clients`).
           steps: rounds to run.
           chunk: rounds per jitted call.
-          callbacks, checkpoint_dir, checkpoint_every, resume, progress, desc, log_dir,
-            tensorboard: as in :func:`bilevel.fit`.
+          callbacks: ``cb(step, state, metrics)`` (or a sequence of them) after each chunk.
+          checkpoint_dir: folder for checkpoints and the history (``None``: none).
+          checkpoint_every: also checkpoint every this many rounds.
+          resume: continue from the latest checkpoint of ``checkpoint_dir``.
+          progress: show a progress bar.
+          desc: the bar's label (default ``"Federated"``).
+          log_dir: folder for ``metrics.jsonl``.
+          tensorboard: also write TensorBoard scalars into ``log_dir``.
 
         Returns:
           ``(state, history)``: ``history`` maps ``"step"`` and every metric of :meth:`step`

@@ -225,11 +225,11 @@ class ClientLocalLR:
       b_{k+1} = \operatorname{clip}(\gamma_k b_k,\ lo,\ hi), \quad p \leftarrow v_k,
 
     with :math:`c` = ``global_weight``, :math:`m` the clients per round and :math:`\gamma_{max}`
-    = ``max_growth``; otherwise :math:`b_{k+1} = b_k` and :math:`p` is kept. The factor is not carried to the next
-    round. This transcribes the reference code (``update.py``), including its quirks: the first
-    batch of every local epoch does not adapt (its counter is reset per epoch), and the first
-    comparison of a round is with the previous global update :math:`\Delta_{t-1}`. Build it
-    with :func:`client_local_lr`.
+    = ``max_growth``; otherwise :math:`b_{k+1} = b_k` and :math:`p` is kept. The factor is not
+    carried to the next round. This transcribes the reference code (``update.py``), including
+    its quirks: the first batch of every local epoch does not adapt (its counter is reset per
+    epoch), and the first comparison of a round is with the previous global update
+    :math:`\Delta_{t-1}`. Build it with :func:`client_local_lr`.
     """
 
     global_weight: float = 0.1
