@@ -4,7 +4,7 @@ Hyperparameters (weight decay, dropout, per-example weights, learning rates, ...
 hypergradients computed through the inner training problem with :mod:`solvers`.
 """
 
-from bilevel import hparams, stn
+from bilevel import fed, hparams, stn
 from bilevel._bilevel import (
     BilevelOptimizer,
     BilevelState,
@@ -56,6 +56,7 @@ __all__ = [
     "HyperAdaptState",
     "HypergradientLRState",
     "__version__",
+    "fed",
     "hd_adam",
     "hparams",
     "stn",

@@ -53,7 +53,7 @@ class BilevelState(NamedTuple):
         ``fixed_hparams`` given to :class:`BilevelOptimizer`; ``{}`` when none). The losses and
         an inner optimizer built from hyperparameters see them; nothing differentiates them.
         Change them between steps with ``state._replace(fixed_hparams=...)`` (a schedule, or
-        :mod:`bilevel.pbt` writing each member's values).
+        ``bilevel.pbt`` writing each member's values).
     """
 
     params: PyTree
@@ -384,7 +384,7 @@ class BilevelOptimizer:
       fixed_hparams: values of hyperparameters the losses (and ``inner_optimizer``) see but this
         tuner does not tune, e.g. ``{"lr": 1e-3, "dropout": 0.1}``; the space must be a dict and
         share no key with them. They live in ``state.fixed_hparams`` (so a population holds one
-        value per member and a schedule or :mod:`bilevel.pbt` may rewrite them between steps).
+        value per member and a schedule or ``bilevel.pbt`` may rewrite them between steps).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, solvers, bilevel

@@ -37,6 +37,7 @@ EXPERIMENTS = (
     "bench_stn",
     "bench_bilevel",
     "bench_bilevel_methods",
+    "fedhyper",
 )
 README = Path(__file__).resolve().parent.parent / "README.md"
 MARKERS = {
