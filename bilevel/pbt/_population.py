@@ -365,35 +365,43 @@ class PBT:
                     f"or {devices * (P // devices + 1)}"
                 )
         key = _typed_key(key)
-        k_members, k_params, k_hparams, k_pbt = jax.random.split(key, 4)
-        member_keys = jax.random.split(k_members, P)
-        if hparams is None:
-            coords = self._initial(k_hparams, P)
-        else:
-            coords = self._coords_of(hparams, P)
-        values = self._decode(coords)
-        if callable(params):
-            pop_params = jax.vmap(params)(jax.random.split(k_params, P))
-            members = jax.vmap(self.member.init)(pop_params, values, member_keys)
-        else:
-            members = jax.vmap(self.member.init, in_axes=(None, 0, 0))(params, values, member_keys)
-        slots = jnp.zeros((P, max_rounds), jnp.int32).at[:, 0].set(jnp.arange(P, dtype=jnp.int32))
-        lineage_hp = {
-            k: jnp.zeros((P, max_rounds, *c.shape[1:]), c.dtype).at[:, 0].set(c)
-            for k, c in coords.items()
-        }
-        zero = jnp.asarray(0, jnp.int32)
-        state = PBTState(
-            members=members,
-            hparams=coords,
-            score=jnp.full((P,), jnp.inf, jnp.float32),
-            step=zero,
-            round=zero,
-            key=k_pbt,
-            lineage=Lineage(slots, lineage_hp),
-            replaced=zero,
-            nonfinite=zero,
-        )
+        given = None if hparams is None else self._coords_of(hparams, P)
+        init_fn = params if callable(params) else None
+        shared = None if callable(params) else jax.tree.map(jnp.asarray, params)
+
+        # One jitted program builds the population (eagerly, every small op would compile alone).
+        def build(key, shared, given):
+            k_members, k_params, k_hparams, k_pbt = jax.random.split(key, 4)
+            member_keys = jax.random.split(k_members, P)
+            coords = self._initial(k_hparams, P) if given is None else given
+            values = self._decode(coords)
+            if init_fn is not None:
+                pop_params = jax.vmap(init_fn)(jax.random.split(k_params, P))
+                members = jax.vmap(self.member.init)(pop_params, values, member_keys)
+            else:
+                members = jax.vmap(self.member.init, in_axes=(None, 0, 0))(
+                    shared, values, member_keys
+                )
+            slots = jnp.zeros((P, max_rounds), jnp.int32)
+            slots = slots.at[:, 0].set(jnp.arange(P, dtype=jnp.int32))
+            lineage_hp = {
+                k: jnp.zeros((P, max_rounds, *c.shape[1:]), c.dtype).at[:, 0].set(c)
+                for k, c in coords.items()
+            }
+            zero = jnp.asarray(0, jnp.int32)
+            return PBTState(
+                members=members,
+                hparams=coords,
+                score=jnp.full((P,), jnp.inf, jnp.float32),
+                step=zero,
+                round=zero,
+                key=k_pbt,
+                lineage=Lineage(slots, lineage_hp),
+                replaced=zero,
+                nonfinite=zero,
+            )
+
+        state = jax.jit(build)(key, shared, given)
         return self._place(state)
 
     def step(
@@ -573,13 +581,27 @@ class PBT:
             out[k] = spec.decode(c) if isinstance(spec, hp.Discrete) else c
         return out
 
+    def _uniforms(self, key, P: int, copies: int) -> dict:
+        """``copies`` uniform arrays ``(P, *shape)`` per name, from one draw (one call site
+        compiles much faster than one per name on XLA:CPU)."""
+        sizes = [P * math.prod(self.space[k].shape) for k in self.names]
+        flat = jax.random.uniform(key, (copies * sum(sizes),))
+        out, offset = {}, 0
+        for k, n in zip(self.names, sizes, strict=True):
+            shape = (P, *self.space[k].shape)
+            out[k] = tuple(
+                flat[offset + i * n : offset + (i + 1) * n].reshape(shape) for i in range(copies)
+            )
+            offset += copies * n
+        return out
+
     def _initial(self, key, P) -> dict:
         coords = {}
-        for i, k in enumerate(self.names):
+        uniforms = self._uniforms(key, P, 1)
+        for k in self.names:
             spec = self.space[k]
-            u = jax.random.uniform(jax.random.fold_in(key, i), (P, *spec.shape))
             if _resamplable(spec):
-                coords[k] = _sample(spec, u)
+                coords[k] = _sample(spec, uniforms[k][0])
             else:
                 coords[k] = jnp.broadcast_to(jnp.asarray(spec.value), (P, *spec.shape))
         return coords
@@ -620,13 +642,7 @@ class PBT:
         """The uniforms of one exploit round: ``(u_donor (P,), {name: (u_resample, u_factor,
         u_sample)})``, each ``(P, *shape)``, from ``key`` alone."""
         k_donor, k_explore = jax.random.split(key)
-        u_donor = jax.random.uniform(k_donor, (P,))
-        per = {}
-        for i, k in enumerate(self.names):
-            shape = (P, *self.space[k].shape)
-            k1, k2, k3 = jax.random.split(jax.random.fold_in(k_explore, i), 3)
-            per[k] = tuple(jax.random.uniform(kk, shape) for kk in (k1, k2, k3))
-        return u_donor, per
+        return jax.random.uniform(k_donor, (P,)), self._uniforms(k_explore, P, 3)
 
     def _exploit(self, key, score, finite, coords):
         """``(parent, replace, new_coords)`` of one round: truncation selection, then explore."""
