@@ -307,6 +307,13 @@ class Discrete:
             return (index + self.lower).astype(self.dtype)
         return jnp.asarray(self.choices)[index]
 
+    def decode_numpy(self, index: Any) -> np.ndarray:
+        """:meth:`decode` in NumPy (nothing to compile)."""
+        index = np.asarray(index)
+        if self.kind == "integer":
+            return (index + self.lower).astype(self.dtype)
+        return self.choices[index]
+
     def __repr__(self) -> str:
         if self.kind == "integer":
             return f"integer({self.lower}, {self.upper}, init={self.value.item()})"

@@ -72,6 +72,7 @@ class Problem:
         self.batch_size = args.batch_size
         self.inner_steps = args.inner_steps
         self.outer_steps = args.outer_steps
+        self.test_accuracy = jax.jit(self._test_accuracy)
 
     @property
     def steps(self) -> int:
@@ -119,7 +120,7 @@ class Problem:
         del h
         return _common.xent(self.logits(p, batch["x"], 0.0, None), batch["y"])
 
-    def test_accuracy(self, p):
+    def _test_accuracy(self, p):
         return _common.accuracy(self.logits(p, self.test["x"], 0.0, None), self.test["y"])
 
     def with_keys(self, sample):
@@ -168,7 +169,7 @@ class Problem:
 
         ts = jnp.arange(self.outer_steps)
         (p, _), curve = jax.lax.scan(block, (params, tx.init(params)), (ts, sched))
-        return self.val_loss(p, None, self.val), self.test_accuracy(p), curve
+        return self.val_loss(p, None, self.val), self._test_accuracy(p), curve
 
 
 # ----------------------------------------------------------------------------- the populations
@@ -267,7 +268,8 @@ def run_population(method, prepared, args, prob: Problem, bar) -> dict[str, Any]
         wd = np.concatenate([np.full((1, 3), args.init_wd, np.float32), after[:-1]])
     K = args.inner_steps
     final = history["score"][-1]
-    member = tuner.member_state(state, winner)
+    # NumPy indexing: an eager gather per leaf would compile each one.
+    params = jax.tree.map(lambda a: np.asarray(a)[winner], jax.device_get(state.members.params))
     return {
         "method": METHODS[method],
         "key": method,
@@ -275,7 +277,7 @@ def run_population(method, prepared, args, prob: Problem, bar) -> dict[str, Any]
         "steps": args.population * prob.steps,
         "wall_s": wall,
         "best_val_loss": float(final[winner]),
-        "test_acc": float(prob_test_acc(prob, member.params)),
+        "test_acc": float(prob.test_accuracy(params)),
         "winner": winner,
         "selected": f"member {winner} (lineage from slot {schedule.founder})",
         "founder": schedule.founder,
@@ -289,12 +291,7 @@ def run_population(method, prepared, args, prob: Problem, bar) -> dict[str, Any]
             "dropout": np.repeat(per_step["dropout"], K),
             "wd": np.repeat(wd, K, axis=0),
         },
-        "initial": {k: np.asarray(v) for k, v in tuner.hparams(prepared[1]).items()},
     }
-
-
-def prob_test_acc(prob: Problem, params) -> float:
-    return float(jax.jit(prob.test_accuracy)(params))
 
 
 # ----------------------------------------------------------------------------- Optuna TPE
@@ -427,13 +424,13 @@ def main(argv=None):
 
     _common.phase("loading MNIST-5k", quiet=quiet)
     prob = Problem(args, _common.load_mnist5k_fast(seed=args.seed))
-    _common.phase(
-        f"compiling the populations ({', '.join(METHODS[m] for m in args.methods)}) and the "
-        "re-training run",
-        quiet=quiet,
-    )
     t0 = time.perf_counter()
-    prepared = {m: compile_population(m, args, prob) for m in args.methods}
+    prepared = {}
+    for i, m in enumerate(args.methods):
+        _common.phase(f"compiling {METHODS[m]} ({i + 1}/{len(args.methods) + 1})", quiet=quiet)
+        prepared[m] = compile_population(m, args, prob)
+    n = len(args.methods) + 1
+    _common.phase(f"compiling the re-training run (TPE trials, fresh seeds) ({n}/{n})", quiet=quiet)
     retrain = jax.jit(prob.retrain, compiler_options=_common.compiler_options(args.smoke))
     s0 = constant_schedule(prob, 1e-3, 0.1, [args.init_wd] * 3)
     retrain = retrain.lower(s0["lr"], s0["dropout"], s0["wd"], jax.random.key(0)).compile()
@@ -476,6 +473,10 @@ def main(argv=None):
 
     bar.set_postfix_str("fresh seeds")
     for r in results:
+        if r.get("same_trial"):  # the same schedule as the equal-steps TPE: the same runs
+            for k in ("fresh_val_loss", "fresh_test_acc", "fresh_curves"):
+                r[k] = steps_tpe[k]
+            continue
         fresh = []
         for i in range(args.fresh_seeds):
             key = jax.random.key(args.seed + 1000 + i)

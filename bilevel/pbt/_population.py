@@ -509,11 +509,14 @@ class PBT:
                 f"the run has {rounds} rounds but the lineage records only max_rounds={capacity}: "
                 f"pass init(..., max_rounds={rounds}) (or more) to replay this run"
             )
-        coords = {k: np.asarray(v[member, :rounds]) for k, v in state.lineage.hparams.items()}
-        values = {k: np.asarray(v) for k, v in self._decode(coords).items()}
+        lineage = jax.device_get(state.lineage)  # small; indexed in NumPy, nothing to compile
+        values = {}
+        for k, v in lineage.hparams.items():
+            spec, c = self.space[k], np.asarray(v)[member, :rounds]
+            values[k] = spec.decode_numpy(c) if isinstance(spec, hp.Discrete) else np.asarray(c)
         return Schedule(
             hparams=values,
-            slots=np.asarray(state.lineage.slots[member, :rounds]),
+            slots=np.asarray(lineage.slots)[member, :rounds],
             interval=self.interval,
             steps=int(state.step),
             member=member,
