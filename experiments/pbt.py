@@ -543,7 +543,7 @@ def main(argv=None):
     _common.write_summary(
         out,
         NAME,
-        summary_rows(results, model, setup, args.fresh_seeds),
+        summary_rows(results, model, vars(args), prob.epochs),
         seconds=time.perf_counter() - t_start,
         smoke=args.smoke,
     )
@@ -593,17 +593,27 @@ def closing_note(results, seeds) -> str:
     )
 
 
-def summary_rows(results, model, setup, seeds) -> list[dict[str, str]]:
+def summary_rows(results, model, config, epochs) -> list[dict[str, str]]:
     """Headline rows for ``summary.json``: every method, with the defaults as the target."""
     default = next(r for r in results if r["key"] == "default")
+    seeds = config["fresh_seeds"]
     target = f"defaults: fresh-seed test acc {_mean_sd(default['fresh_test_acc'])}"
+    per_run = config["outer_steps"] * config["inner_steps"]
+    every = config["interval"] * config["inner_steps"]
     out = []
     for r in results:
         if r is default:
             continue
+        if r["key"] == "tpe":
+            how = f"best of {r['runs']} trials of {per_run} Adam steps"
+        elif r["key"] == "implicit":
+            how = f"best of {r['runs']} independent runs of {per_run} Adam steps"
+        else:
+            how = f"{r['runs']} members x {per_run} Adam steps, exploit every {every} steps"
         out.append(
             {
-                "what": f"pbt: {model}, lr + dropout + 3 L2, {r['method']} ({setup})",
+                "what": f"pbt: {model}, lr + dropout + 3 L2 ({epochs:.3g} epochs per run), "
+                f"{r['method']}: {how}",
                 "result": f"best val loss {r['best_val_loss']:.4f}; fresh-seed test acc "
                 f"{_mean_sd(r['fresh_test_acc'])} ({seeds} seeds); {r['wall_s']:.1f} s",
                 "target": target,
@@ -670,8 +680,10 @@ def plot_population(results, prob: Problem, path, title):
         )
         if use_log:
             ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(matplotlib_ticker().FormatStrFormatter("%g"))
-            ax.yaxis.set_minor_formatter(matplotlib_ticker().FormatStrFormatter("%g"))
+            ticker = matplotlib_ticker()
+            ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 3.0, 5.0)))
+            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
     first = np.atleast_1d(axes)[0]
     first.set_ylabel("validation cross-entropy (nats)")
     for ax in np.atleast_1d(axes):

@@ -172,6 +172,7 @@ class OptaxMember(Member):
         return optax.with_extra_args_support(self.optimizer(HparamDict(values)))
 
     def check_space(self, space: dict[str, Any]) -> None:
+        """The optimizer factory must build a transformation from the space's initial values."""
         if isinstance(self.optimizer, optax.GradientTransformation):
             return
         values = {k: jnp.asarray(spec.value) for k, spec in space.items()}
@@ -199,6 +200,7 @@ class OptaxMember(Member):
         return TrainingLoop(self._inner, self.optimizer, constrain, n, xs=inner_batches)
 
     def init(self, params, values, key):
+        """One member's state: ``params``, the optimizer's state at ``values``, ``key``."""
         params = jax.tree.map(jnp.asarray, params)
         for leaf in jax.tree.leaves(params):
             if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
@@ -209,10 +211,22 @@ class OptaxMember(Member):
         return OptaxMemberState(params, opt_state, values, zero, zero, _typed_key(key))
 
     def with_hparams(self, state, values):
+        """``state`` with its hyperparameter values replaced (dtypes kept)."""
         new = {k: jnp.asarray(values[k], jnp.result_type(state.hparams[k])) for k in state.hparams}
         return state._replace(hparams=new)
 
     def step(self, state, inner_batches, outer_batch):
+        """``inner_steps`` guarded optimizer steps, then the outer loss.
+
+        Args:
+          state: an :class:`OptaxMemberState`.
+          inner_batches: leaves with a leading axis ``inner_steps`` (or 1: one batch reused).
+          outer_batch: the validation batch.
+
+        Returns:
+          ``(state, metrics)`` with ``inner_loss`` (mean over applied steps),
+          ``inner_applied``, ``outer_loss`` and ``inner_skipped``.
+        """
         leaves = jax.tree.leaves(inner_batches)
         if not leaves or any(
             jnp.ndim(a) == 0 or jnp.shape(a)[0] not in (self.inner_steps, 1) for a in leaves
@@ -309,8 +323,10 @@ def as_member(member: Any) -> Member:
         return member
     if isinstance(member, BilevelOptimizer):
         return BilevelMember(member)
+    from bilevel.stn import Trainer
+
     name = type(member).__name__
-    if name == "Trainer" and type(member).__module__.startswith("bilevel.stn"):
+    if isinstance(member, Trainer):
         raise TypeError(
             "bilevel.stn.Trainer cannot be a PBT member yet: it holds no fixed hyperparameters "
             "for PBT to write. Use a bilevel.BilevelOptimizer (with fixed_hparams) or "
