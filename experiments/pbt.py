@@ -378,8 +378,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--methods",
         default=None,
-        help="population methods, comma-separated: pbt,implicit,pbt+implicit (default: all; "
-        "--smoke: pbt,pbt+implicit)",
+        help="population methods, comma-separated: pbt,implicit,pbt+implicit; all when not "
+        "given (--smoke: pbt,pbt+implicit)",
     )
     parser.add_argument("--population", type=int, default=8, help="members (= TPE trials)")
     parser.add_argument("--outer-steps", type=int, default=20, help="PBT steps per member")
