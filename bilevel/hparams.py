@@ -18,6 +18,11 @@ spec                       value                                                
 A *space* is any pytree (usually a dict) whose leaves are these specs. ``init`` may be an array
 (one hyperparameter per feature, layer or example): ``log(jnp.full(n, 1e-3))``.
 
+Two discrete specs hold hyperparameters no gradient reaches (a batch size, a layer count, a switch
+between alternatives): ``choice(values)``, one of a list of numbers, and ``integer(lower, upper)``,
+an integer in ``[lower, upper]``. They have no unconstrained form: :func:`init`, :func:`constrain`
+and :func:`unconstrain` (so every gradient tuner) refuse them; :mod:`bilevel.pbt` manages them.
+
 Example:
   >>> import jax.numpy as jnp
   >>> from bilevel import hparams
@@ -39,10 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "Discrete",
     "Hyperparameter",
     "bounded",
+    "choice",
     "constrain",
     "init",
+    "integer",
     "log",
     "real",
     "unconstrain",
@@ -246,15 +254,174 @@ def real(init: Any) -> Hyperparameter:
     return _make("real", init, None, None)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Discrete:
+    """A discrete hyperparameter: one of a list of numbers, or an integer in a range.
+
+    Build it with :func:`choice` or :func:`integer`. It has no unconstrained form, so gradient
+    tuners refuse it; :mod:`bilevel.pbt` explores it by resampling or by moving to a neighbour.
+
+    Attributes:
+      kind: ``"choice"`` or ``"integer"``.
+      choices: the options in order (``choice``), or ``None`` (``integer``).
+      lower, upper: the inclusive range of an ``integer`` (for ``choice``: ``0`` and the last
+        index).
+      value: the initial value (a NumPy scalar).
+    """
+
+    kind: str  # "choice" or "integer"
+    choices: np.ndarray | None
+    lower: int
+    upper: int
+    value: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return ()
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of the values a loss receives (``int32`` or ``float32``)."""
+        return self.value.dtype
+
+    @property
+    def num_options(self) -> int:
+        """How many values the hyperparameter can take."""
+        return self.upper - self.lower + 1
+
+    def index(self, value: Any) -> np.ndarray:
+        """Position of ``value`` among the options (NumPy; raises on a value that is none)."""
+        v = np.asarray(value)
+        if self.kind == "integer":
+            if np.any(v != np.round(v)) or np.any(v < self.lower) or np.any(v > self.upper):
+                raise ValueError(f"{self!r}: {value!r} is not an integer in the range")
+            return (v - self.lower).astype(np.int32)
+        hit = v[..., None] == self.choices
+        if not np.all(hit.any(-1)):
+            raise ValueError(f"{self!r}: {value!r} is not one of the choices")
+        return hit.argmax(-1).astype(np.int32)
+
+    def decode(self, index: jax.Array) -> jax.Array:
+        """The value at option position ``index`` (traceable)."""
+        if self.kind == "integer":
+            return (index + self.lower).astype(self.dtype)
+        return jnp.asarray(self.choices)[index]
+
+    def decode_numpy(self, index: Any) -> np.ndarray:
+        """:meth:`decode` in NumPy (nothing to compile)."""
+        index = np.asarray(index)
+        if self.kind == "integer":
+            return (index + self.lower).astype(self.dtype)
+        return self.choices[index]
+
+    def __repr__(self) -> str:
+        if self.kind == "integer":
+            return f"integer({self.lower}, {self.upper}, init={self.value.item()})"
+        return f"choice({self.choices.tolist()}, init={self.value.item()})"
+
+
+def _numbers(values: Any, what: str) -> np.ndarray:
+    if isinstance(values, jax.core.Tracer):
+        raise TypeError(
+            f"{what} must be concrete numbers, not traced values; build spaces outside jit"
+        )
+    try:
+        v = np.asarray(values)
+    except (TypeError, ValueError):
+        v = np.asarray(values, dtype=object)
+    if v.dtype == bool:
+        v = v.astype(np.int32)
+    if not (np.issubdtype(v.dtype, np.integer) or np.issubdtype(v.dtype, np.floating)):
+        raise TypeError(
+            f"{what} must be real numbers, got {values!r}; encode other alternatives as integers "
+            "(choice([0, 1, 2]) and jax.lax.switch on the value)"
+        )
+    if np.issubdtype(v.dtype, np.integer):
+        return v.astype(np.int32)
+    return v.astype(np.float32 if not jax.config.jax_enable_x64 else v.dtype)
+
+
+def choice(values: Any, init: Any = None) -> Discrete:
+    """A hyperparameter that takes one of ``values`` (numbers, in a meaningful order).
+
+    PBT's explore step resamples it uniformly or moves it to a neighbouring entry of ``values``
+    (so order them: ``[32, 64, 128]``, not ``[64, 32, 128]``). A switch between alternatives is
+    ``choice([0, 1, 2])`` read with ``jax.lax.switch``.
+
+    Args:
+      values: a non-empty 1-D sequence of distinct real numbers (integers give ``int32`` values,
+        otherwise ``float32``).
+      init: the initial value, one of ``values`` (default ``values[0]``).
+
+    Returns:
+      A :class:`Discrete` spec.
+
+    Example:
+      >>> from bilevel import hparams
+      >>> hparams.choice([32, 64, 128], init=64)
+      choice([32, 64, 128], init=64)
+    """
+    v = _numbers(values, "choice values")
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"choice values must be a non-empty 1-D sequence, got {values!r}")
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"choice values must be finite, got {values!r}")
+    if len(np.unique(v)) != v.size:
+        raise ValueError(f"choice values must be distinct, got {values!r}")
+    spec = Discrete("choice", v, 0, v.size - 1, v[0])
+    if init is None:
+        return spec
+    idx = int(spec.index(_numbers(init, "choice init")))
+    return dataclasses.replace(spec, value=v[idx])
+
+
+def integer(lower: int, upper: int, init: int | None = None) -> Discrete:
+    """An integer hyperparameter in ``[lower, upper]`` (both included).
+
+    PBT's explore step resamples it uniformly or scales it by the perturbation factor, rounded
+    and moved by at least one, then clipped to the range.
+
+    Args:
+      lower, upper: the inclusive range, ``lower <= upper``.
+      init: the initial value (default ``lower``).
+
+    Returns:
+      A :class:`Discrete` spec (``int32`` values).
+
+    Example:
+      >>> from bilevel import hparams
+      >>> hparams.integer(1, 8, init=4)
+      integer(1, 8, init=4)
+    """
+    bounds = []
+    for name, b in (("lower", lower), ("upper", upper)):
+        if isinstance(b, bool) or not isinstance(b, int | np.integer):
+            raise TypeError(f"integer(): {name} must be a Python or NumPy int, got {b!r}")
+        bounds.append(int(b))
+    lo, hi = bounds
+    if lo > hi:
+        raise ValueError(f"integer(): lower={lo} must be <= upper={hi}")
+    if max(abs(lo), abs(hi)) >= 2**31 - 1:
+        raise ValueError(f"integer(): the range [{lo}, {hi}] does not fit int32")
+    spec = Discrete("integer", None, lo, hi, np.asarray(lo, np.int32))
+    if init is None:
+        return spec
+    if isinstance(init, bool) or not isinstance(init, int | np.integer):
+        raise TypeError(f"integer(): init must be an int, got {init!r}")
+    spec.index(init)  # range check
+    return dataclasses.replace(spec, value=np.asarray(init, np.int32))
+
+
 def _is_spec(x: Any) -> bool:
-    return isinstance(x, Hyperparameter)
+    return isinstance(x, Hyperparameter | Discrete)
 
 
 def _path_str(path) -> str:
     return "hparams" + "".join(str(k) for k in path)
 
 
-def _specs(space: PyTree):
+def _leaves(space: PyTree):
+    """``([(path, spec)], treedef)`` of a space of continuous and discrete specs."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(space, is_leaf=_is_spec)
     if not leaves:
         raise ValueError("the hyperparameter space is empty")
@@ -262,7 +429,20 @@ def _specs(space: PyTree):
         if not _is_spec(leaf):
             raise TypeError(
                 f"{_path_str(path)} is {leaf!r}, not a hyperparameter spec: wrap it with "
-                "bilevel.hparams.log/unit/bounded/real"
+                "bilevel.hparams.log/unit/bounded/real (or choice/integer for bilevel.pbt)"
+            )
+    return leaves, treedef
+
+
+def _specs(space: PyTree):
+    """The leaves of a space of continuous specs: a discrete one is refused, named."""
+    leaves, treedef = _leaves(space)
+    for path, leaf in leaves:
+        if isinstance(leaf, Discrete):
+            raise ValueError(
+                f"{_path_str(path)} is a discrete hyperparameter ({leaf!r}): it cannot be tuned "
+                "by hypergradient; manage it with bilevel.pbt (put it in the PBT space and in "
+                "the tuner's fixed_hparams)"
             )
     return leaves, treedef
 

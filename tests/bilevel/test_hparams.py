@@ -110,3 +110,61 @@ def test_spec_with_a_non_numeric_init_or_bound_is_a_clear_type_error():
         H.log("abc")
     with pytest.raises(TypeError, match="lower must be a real number or None"):
         H.log(0.1, "x")
+
+
+# ----------------------------------------------------------------------------- discrete specs
+
+
+def test_choice_and_integer_hold_their_options_and_initial_value():
+    width = H.choice([16, 32, 64], init=32)
+    assert width.kind == "choice" and width.num_options == 3 and width.shape == ()
+    assert width.dtype == np.int32 and int(width.value) == 32
+    rate = H.choice([0.1, 0.5])
+    assert rate.dtype == np.float32 and float(rate.value) == pytest.approx(0.1)
+    depth = H.integer(2, 6)
+    assert depth.num_options == 5 and int(depth.value) == 2 and depth.dtype == np.int32
+    assert int(H.integer(-3, 3, init=-1).value) == -1
+    assert repr(width) == "choice([16, 32, 64], init=32)"
+    assert repr(depth) == "integer(2, 6, init=2)"
+
+
+def test_discrete_index_and_decode_round_trip():
+    for spec, values in ((H.choice([16, 32, 64]), [64, 16, 32]), (H.integer(-2, 5), [-2, 0, 5])):
+        idx = spec.index(np.asarray(values))
+        np.testing.assert_array_equal(jax.jit(spec.decode)(jnp.asarray(idx)), values)
+    with pytest.raises(ValueError, match="not one of the choices"):
+        H.choice([1, 2]).index(3)
+    with pytest.raises(ValueError, match="not an integer in the range"):
+        H.integer(0, 3).index(4)
+    with pytest.raises(ValueError, match="not an integer in the range"):
+        H.integer(0, 3).index(1.5)
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: H.choice([]), ValueError, "non-empty 1-D"),
+        (lambda: H.choice([[1, 2]]), ValueError, "non-empty 1-D"),
+        (lambda: H.choice([1, 1, 2]), ValueError, "distinct"),
+        (lambda: H.choice([1.0, float("nan")]), ValueError, "finite"),
+        (lambda: H.choice(["adam", "sgd"]), TypeError, r"real numbers.*jax.lax.switch"),
+        (lambda: H.choice([1, 2], init=3), ValueError, "not one of the choices"),
+        (lambda: H.integer(3, 1), ValueError, "lower=3 must be <= upper=1"),
+        (lambda: H.integer(0.5, 2), TypeError, "lower must be a Python or NumPy int"),
+        (lambda: H.integer(True, 2), TypeError, "lower must be a Python or NumPy int"),
+        (lambda: H.integer(0, 2, init=5), ValueError, "not an integer in the range"),
+        (lambda: H.integer(0, 2**40), ValueError, "does not fit int32"),
+    ],
+)
+def test_invalid_discrete_specs_raise(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+@pytest.mark.parametrize("fn", [H.init, lambda s: H.constrain(s, {"wd": 0.0, "k": 0})])
+def test_gradient_functions_refuse_discrete_specs_naming_them(fn):
+    space = {"wd": H.log(0.1), "k": H.integer(1, 4)}
+    with pytest.raises(
+        ValueError, match=r"hparams\['k'\] is a discrete hyperparameter.*bilevel.pbt"
+    ):
+        fn(space)
