@@ -4,7 +4,7 @@ Hyperparameters (weight decay, dropout, per-example weights, learning rates, ...
 hypergradients computed through the inner training problem with :mod:`solvers`.
 """
 
-from bilevel import fed, hparams, stn
+from bilevel import fed, hparams, pbt, stn
 from bilevel._bilevel import (
     BilevelOptimizer,
     BilevelState,
@@ -59,6 +59,7 @@ __all__ = [
     "fed",
     "hd_adam",
     "hparams",
+    "pbt",
     "stn",
     "hd_sgd",
     "hyper_adapt",

@@ -38,6 +38,7 @@ EXPERIMENTS = (
     "bench_bilevel",
     "bench_bilevel_methods",
     "fedhyper",
+    "pbt",
 )
 README = Path(__file__).resolve().parent.parent / "README.md"
 MARKERS = {

@@ -577,14 +577,3 @@ def test_the_docs_example_runs_and_prints_its_result():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert out.startswith("val loss ") and "members replaced" in out and "nan" not in out, out
-
-
-@pytest.mark.parametrize("name", ["bilevel.pbt._population", "bilevel.pbt._members", "bilevel.pbt"])
-def test_docstring_examples(name):
-    import importlib
-
-    module = importlib.import_module(name)
-    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
-    assert result.failed == 0
-    if name != "bilevel.pbt":
-        assert result.attempted > 0
