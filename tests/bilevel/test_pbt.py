@@ -5,7 +5,6 @@ checkpoints and the argument checks.
 
 from __future__ import annotations
 
-import doctest
 import math
 import os
 import re
