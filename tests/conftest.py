@@ -1,18 +1,6 @@
-"""Shared pytest configuration: fast XLA compilation, the ``slow`` marker, small helpers."""
-
-import os
+"""Shared pytest configuration: the ``slow`` marker and small numeric helpers."""
 
 import pytest
-
-# The suite is compile-bound on CPU (many small jitted programs, each run a few times): XLA's
-# backend optimizations double its time and change no result a test checks (tests compare runs
-# made under the same flags, or against tolerances). Set before any computation initializes the
-# backend, so xdist workers and subprocesses (README blocks) inherit it. BILEVEL_TEST_XLA_FULL=1
-# keeps XLA's defaults.
-FAST_XLA = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
-if not os.environ.get("BILEVEL_TEST_XLA_FULL"):
-    _flags = os.environ.get("XLA_FLAGS", "").split()
-    os.environ["XLA_FLAGS"] = " ".join(_flags + [f for f in FAST_XLA if f not in _flags])
 
 
 def pytest_addoption(parser):
