@@ -197,13 +197,10 @@ def test_vmap_with_per_task_initialization_and_forward_mode():
         return task_loss(_implicit(theta, xs, ys), xq, yq)
 
     g_vmap = jit(jax.vmap(jax.grad(per_task)))(thetas, *data)
-    g_loop = jit(
-        lambda th, *d: [
-            jax.grad(per_task)(jax.tree.map(lambda a, i=i: a[i], th), *(a[i] for a in d))
-            for i in range(N_TASKS)
-        ]
-    )(thetas, *data)
-    _close(g_vmap, jax.tree.map(lambda *a: jnp.stack(a), *g_loop), rtol=1e-4, atol=1e-6)
+    one = jit(jax.grad(per_task))
+    for i in (0, 3, N_TASKS - 1):  # a few tasks: the 8-task loop is the test above
+        g = one(jax.tree.map(lambda a, i=i: a[i], thetas), *(a[i] for a in data))
+        _close(jax.tree.map(lambda a, i=i: a[i], g_vmap), g, rtol=1e-4, atol=1e-6)
 
     theta = jax.tree.map(lambda a: a[0], thetas)
     meta = meta_loss_vmap(_implicit)
