@@ -75,11 +75,16 @@ def make_tasks(seed=0, n_tasks=N_TASKS, shots=6, dtype=np.float32):
     return tuple(jnp.asarray(a, dtype) for a in data)
 
 
+def _cg(theta):
+    """CG to float64 round-off, or to a tolerance float32 reaches."""
+    f64 = jax.tree.leaves(theta)[0].dtype == jnp.float64
+    return solvers.cg(tol=1e-10 if f64 else 1e-5)
+
+
 def _implicit(theta, x, y):
-    adjoint = solvers.Implicit(linear_solver=solvers.cg(tol=1e-10))
     return solvers.argmin(
         proximal_loss, theta, theta, x, y, optimizer=optax.sgd(LR), steps=PROX_STEPS,
-        adjoint=adjoint,
+        adjoint=solvers.Implicit(linear_solver=_cg(theta)),
     )  # fmt: skip
 
 
@@ -98,8 +103,7 @@ def _truncated(theta, x, y):
     )  # fmt: skip
 
 
-@solvers.custom_root(jax.grad(proximal_loss), solvers.cg(tol=1e-10), symmetric=True)
-def _root_solver(phi0, theta, x, y):
+def _gradient_descent(phi0, theta, x, y):
     step = lambda _, p: jax.tree.map(
         lambda a, g: a - LR * g, p, jax.grad(proximal_loss)(p, theta, x, y)
     )
@@ -107,7 +111,8 @@ def _root_solver(phi0, theta, x, y):
 
 
 def _custom_root(theta, x, y):
-    return _root_solver(theta, theta, x, y)
+    solver = solvers.custom_root(jax.grad(proximal_loss), _cg(theta), symmetric=True)
+    return solver(_gradient_descent)(theta, theta, x, y)
 
 
 ADAPT = {
