@@ -194,8 +194,10 @@ def argmin(
     ``optax.lbfgs()`` work as they are. A step whose loss, gradient, parameters or optimizer state
     is not finite is not applied (:func:`solvers.guard`): the run stops at the last finite iterate
     with ``status = Status.NONFINITE``. The result is differentiable w.r.t. ``*args`` (and anything
-    ``fun`` closes over) as the ``adjoint`` method says; ``init_params`` gets no derivative under
-    :class:`Implicit`.
+    ``fun`` closes over) as the ``adjoint`` method says, and w.r.t. ``init_params`` under
+    :class:`Unrolled` and :class:`Forward` (MAML); ``init_params`` gets no derivative under
+    :class:`Implicit` (the solution does not depend on it) nor :class:`Truncated` (the window's
+    start is held constant).
 
     :class:`Unrolled`, :class:`Truncated` and :class:`Forward` differentiate the optimizer itself:
     use ``optax.adam(lr, eps_root=1e-8)`` rather than the default ``eps_root=0``, whose ``sqrt``

@@ -329,16 +329,26 @@ def windowed_solve(
     window: int,
     checkpoint_every: int | None,
     name: str,
+    *,
+    differentiate_start: bool = False,
 ) -> tuple[PyTree, PyTree]:
     """Run ``n - window`` steps without derivatives, then differentiate the last ``window``.
 
-    The steps of the window run in ``jax.checkpoint`` segments of ``checkpoint_every`` (when
-    set). Reverse mode through a step containing a ``while_loop`` raises a clear ``ValueError``.
+    The carry at the window's start is held constant, except with ``differentiate_start`` when
+    the window is the whole loop (``window = n``): then the derivatives that ``carry`` itself
+    carries (w.r.t. ``argmin``'s ``init_params``, as MAML needs) flow through every step. The
+    steps of the window run in ``jax.checkpoint`` segments of ``checkpoint_every`` (when set).
+    Reverse mode through a step containing a ``while_loop`` raises a clear ``ValueError``.
     """
     n = loop.num_steps
     frozen = lax.stop_gradient(theta)
-    head, head_outs = loop.run(carry, frozen, 0, n - window, differentiable=False)
-    c = loop.restart(lax.stop_gradient(head), theta, n - window)
+    whole = differentiate_start and window == n
+    # The head runs without derivatives (possibly a while_loop, which reverse mode cannot
+    # transpose): it never sees a differentiable carry.
+    head, head_outs = loop.run(
+        lax.stop_gradient(carry), frozen, 0, n - window, differentiable=False
+    )
+    c = loop.restart(carry if whole else head, theta, n - window)
     c, tail_outs = loop.run(c, theta, n - window, n, checkpoint_every=checkpoint_every)
     if loop.contains_while(carry, frozen):
         c = _forbid_reverse(c, _REVERSE_MESSAGE.format(method=name))
@@ -458,6 +468,9 @@ class Unrolled(AbstractMethod):
     .. math:: g = \nabla_\theta L_V(w_n(\theta), \theta), \quad
        w_{t+1} = \Phi(w_t, \theta, x_t)
 
+    The starting point is differentiated too: ``argmin``'s result carries derivatives w.r.t.
+    ``init_params`` (MAML: the meta-parameters are the initialization of the inner run).
+
     Args:
       checkpoint_every: rematerialize segments of this many steps (``jax.checkpoint``) in reverse
         mode: memory ``O(n / k + k)`` instead of ``O(n)`` for about one extra forward pass.
@@ -484,7 +497,15 @@ class Unrolled(AbstractMethod):
             )
 
     def solve(self, loop, carry, theta):
-        return windowed_solve(loop, carry, theta, loop.num_steps, self.checkpoint_every, "Unrolled")
+        return windowed_solve(
+            loop,
+            carry,
+            theta,
+            loop.num_steps,
+            self.checkpoint_every,
+            "Unrolled",
+            differentiate_start=True,
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
