@@ -197,6 +197,26 @@ class _Carry(NamedTuple):
     model_state: PyTree = ()
 
 
+def _if_applied(applied: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    """The model state's half of the guard: ``new`` if the step was applied, else ``old``.
+
+    A select (as :func:`solvers.guard` uses) on accelerators. On CPU a conditional: a select fused
+    into the running-average update changes which multiply-adds XLA:CPU contracts, and the state
+    would differ in the last bit from an unguarded training loop's; behind a conditional the
+    update compiles as it does there, so a guarded step is bit-for-bit a plain one.
+    """
+    if not jax.tree.leaves(new):
+        return new
+
+    def cond(a, n, o):
+        return jax.lax.cond(a, lambda: n, lambda: o)
+
+    def select(a, n, o):
+        return optax.tree.where(a, n, o)
+
+    return jax.lax.platform_dependent(applied, new, old, cpu=cond, default=select)
+
+
 class TrainingLoop(solvers.InnerLoop):
     r"""Guarded inner optimizer steps on ``inner_loss(w, c(u), B_t)`` as a :class:`solvers.InnerLoop`.
 
@@ -256,13 +276,13 @@ class TrainingLoop(solvers.InnerLoop):
         )
         new_params = optax.apply_updates(carry.params, updates)
         r = solvers.guard(
-            (carry.params, carry.inner_state, carry.model_state),
-            (new_params, new_state, new_model_state),
+            (carry.params, carry.inner_state),
+            (new_params, new_state),
             carry.inner_skipped,
-            also=(value, grad),
+            also=(value, grad, new_model_state),
         )
-        params, inner_state, model_state = r.value
-        return _Carry(params, inner_state, r.skipped, model_state), (value, r.applied)
+        model_state = _if_applied(r.applied, new_model_state, carry.model_state)
+        return _Carry(*r.value, r.skipped, model_state), (value, r.applied)
 
     def empty_outs(self, body, init):
         del body, init
