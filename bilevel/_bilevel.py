@@ -54,6 +54,10 @@ class BilevelState(NamedTuple):
         an inner optimizer built from hyperparameters see them; nothing differentiates them.
         Change them between steps with ``state._replace(fixed_hparams=...)`` (a schedule, or
         ``bilevel.pbt`` writing each member's values).
+      model_state: the model's non-parameter state (BatchNorm running averages, dropout RNG
+        counters: every ``nnx.Variable`` that is not a parameter) of a tuner built with
+        ``has_state=True``, ``()`` otherwise. The inner steps update it; nothing differentiates
+        it; it is checkpointed with the rest of the state.
     """
 
     params: PyTree
@@ -66,6 +70,7 @@ class BilevelState(NamedTuple):
     inner_skipped: jax.Array
     key: jax.Array
     fixed_hparams: PyTree = {}  # noqa: RUF012 - never mutated; NamedTuple defaults are shared
+    model_state: PyTree = ()
 
 
 # ----------------------------------------------------------------------------- losses
@@ -112,27 +117,63 @@ def _describe_output(out) -> str:
         return f"a {type(out).__name__} {out!r}"
 
 
+def _split_value(out, name: str, has_aux: bool, has_state: bool = False):
+    """``(value, aux)`` from a loss's value part, with clear errors for convention mix-ups."""
+    state_hint = (
+        ""
+        if has_state
+        else "; a loss of a stateful model returning (loss, new_model_state) needs has_state=True"
+    )
+    if has_aux:
+        if not (isinstance(out, tuple | list) and len(out) == 2):
+            raise TypeError(
+                f"{name} returned {_describe_output(out)}, but has_aux=True expects a pair "
+                "(scalar loss, aux); pass has_aux=False for a loss that returns a scalar"
+            )
+        value, aux = out
+    else:
+        if isinstance(out, tuple | list):
+            raise TypeError(
+                f"{name} returned {_describe_output(out)}, but has_aux=False expects a real "
+                f"scalar; pass has_aux=True if it returns (loss, aux){state_hint}"
+            )
+        value, aux = out, None
+    _check_scalar(value, name)
+    return value, aux
+
+
 def _loss(fn: Callable, name: str, has_aux: bool) -> Callable:
     """``(params, h, batch) -> (value, aux)`` with clear errors for convention mix-ups."""
 
     def call(p, h, b):
-        out = fn(p, h, b)
-        if has_aux:
-            if not (isinstance(out, tuple | list) and len(out) == 2):
-                raise TypeError(
-                    f"{name} returned {_describe_output(out)}, but has_aux=True expects a pair "
-                    "(scalar loss, aux); pass has_aux=False for a loss that returns a scalar"
-                )
-            value, aux = out
-        else:
-            if isinstance(out, tuple | list):
-                raise TypeError(
-                    f"{name} returned {_describe_output(out)}, but has_aux=False expects a real "
-                    "scalar; pass has_aux=True if it returns (loss, aux)"
-                )
-            value, aux = out, None
-        _check_scalar(value, name)
-        return value, aux
+        return _split_value(fn(p, h, b), name, has_aux)
+
+    return call
+
+
+def _stateful_loss(fn: Callable, name: str, has_aux: bool) -> Callable:
+    """``(params, h, batch, model_state) -> ((value, aux), new_model_state)``, checked."""
+    shape = "((scalar loss, aux), new_model_state)" if has_aux else "(scalar loss, new_model_state)"
+
+    def call(p, h, b, s):
+        out = fn(p, h, b, s)
+        if not (isinstance(out, tuple | list) and len(out) == 2):
+            raise TypeError(
+                f"{name} returned {_describe_output(out)}, but has_state=True expects {shape}: "
+                "return the model state the call produced next to the loss (or pass "
+                "has_state=False for a loss(params, h, batch) without model state)"
+            )
+        first, new_state = out
+        value, aux = _split_value(first, name, has_aux, has_state=True)
+        try:
+            T.check_same_structure(s, new_state, f"{name}'s new_model_state")
+        except ValueError as e:
+            raise TypeError(
+                f"{e}. has_state=True expects {name} to return {shape} with new_model_state "
+                "shaped like the model_state it was given (e.g. the second output of the "
+                "apply function of bilevel.nnx_apply_fn(model, with_state=True))"
+            ) from None
+        return (value, aux), new_state
 
     return call
 
@@ -153,33 +194,83 @@ class _Carry(NamedTuple):
     params: PyTree
     inner_state: PyTree
     inner_skipped: jax.Array
+    model_state: PyTree = ()
+
+
+def _if_applied(applied: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    """The model state's half of the guard: ``new`` if the step was applied, else ``old``.
+
+    A select (as :func:`solvers.guard` uses) on accelerators. On CPU a conditional: a select fused
+    into the running-average update changes which multiply-adds XLA:CPU contracts, and the state
+    would differ in the last bit from an unguarded training loop's; behind a conditional the
+    update compiles as it does there, so a guarded step is bit-for-bit a plain one.
+    """
+    if not jax.tree.leaves(new):
+        return new
+
+    def cond(a, n, o):
+        return jax.lax.cond(a, lambda: n, lambda: o)
+
+    def select(a, n, o):
+        return optax.tree.where(a, n, o)
+
+    return jax.lax.platform_dependent(applied, new, old, cpu=cond, default=select)
 
 
 class TrainingLoop(solvers.InnerLoop):
     r"""Guarded inner optimizer steps on ``inner_loss(w, c(u), B_t)`` as a :class:`solvers.InnerLoop`.
 
-    The carry is ``(params, inner_state, inner_skipped)`` and ``theta`` the unconstrained
-    hyperparameters ``u`` (``constrain`` maps them to the values the loss sees; the identity for
-    the one-shot :func:`hypergradient`). Each step is applied through :func:`solvers.guard`: only
-    when the loss, the gradient, the new parameters and the new optimizer state are finite. The
-    implicit system is the inner gradient on the last batch. ``optimizer`` is an Optax
-    transformation or a function ``h -> transformation`` (an optimizer built from the
-    hyperparameters, rebuilt at every step from the current ``h``).
+    The carry is ``(params, inner_state, inner_skipped, model_state)`` and ``theta`` the
+    unconstrained hyperparameters ``u`` (``constrain`` maps them to the values the loss sees; the
+    identity for the one-shot :func:`hypergradient`). Each step is applied through
+    :func:`solvers.guard`: only when the loss, the gradient, the new parameters, the new optimizer
+    state and the new model state are finite. The implicit system is the inner gradient on the
+    last batch. ``optimizer`` is an Optax transformation or a function ``h -> transformation``
+    (an optimizer built from the hyperparameters, rebuilt at every step from the current ``h``).
+
+    ``inner`` is ``(w, h, batch) -> (value, aux)``, or with ``has_state`` ``(w, h, batch, s) ->
+    ((value, aux), new_s)`` for a model with non-parameter state ``s`` (BatchNorm statistics,
+    RNG counters): each step passes ``stop_gradient(s)`` and carries ``stop_gradient(new_s)``,
+    so no derivative flows through the state. The methods read the parameters of the final carry
+    (:meth:`params`) before they evaluate the outer loss and the implicit system; the model
+    state of that carry is the one those functions see (:meth:`model_state`).
     """
 
-    def __init__(self, inner, optimizer, constrain, num_steps, *, xs=None, shared=None):
+    def __init__(
+        self, inner, optimizer, constrain, num_steps, *, xs=None, shared=None, has_state=False
+    ):
         self.inner, self.opt, self.constrain = inner, optimizer, constrain
         self.num_steps, self.xs, self.shared = num_steps, xs, shared
+        self.has_state = bool(has_state)
+        self._state = None
 
     def optimizer(self, h) -> optax.GradientTransformationExtraArgs:
         """The inner optimizer at hyperparameters ``h``."""
         opt = self.opt if isinstance(self.opt, optax.GradientTransformation) else self.opt(h)
         return optax.with_extra_args_support(opt)
 
+    def objective(self, h, batch, model_state) -> Callable:
+        """``w -> (value, (aux, new_model_state))``: the inner loss at a frozen model state."""
+        if not self.has_state:
+
+            def plain(p):
+                value, aux = self.inner(p, h, batch)
+                return value, (aux, model_state)
+
+            return plain
+        frozen = jax.lax.stop_gradient(model_state)
+
+        def f(p):
+            (value, aux), new_state = self.inner(p, h, batch, frozen)
+            return value, (aux, jax.lax.stop_gradient(new_state))
+
+        return f
+
     def step(self, carry, u, batch):
         h = self.constrain(u)
-        (value, _), grad = jax.value_and_grad(self.inner, has_aux=True)(carry.params, h, batch)
-        value_fn = lambda p: self.inner(p, h, batch)[0]
+        loss = self.objective(h, batch, carry.model_state)
+        (value, (_, new_model_state)), grad = jax.value_and_grad(loss, has_aux=True)(carry.params)
+        value_fn = lambda p: loss(p)[0]
         updates, new_state = self.optimizer(h).update(
             grad, carry.inner_state, carry.params, value=value, grad=grad, value_fn=value_fn
         )
@@ -188,22 +279,36 @@ class TrainingLoop(solvers.InnerLoop):
             (carry.params, carry.inner_state),
             (new_params, new_state),
             carry.inner_skipped,
-            also=(value, grad),
+            also=(value, grad, new_model_state),
         )
-        return _Carry(*r.value, r.skipped), (value, r.applied)
+        model_state = _if_applied(r.applied, new_model_state, carry.model_state)
+        return _Carry(*r.value, r.skipped, model_state), (value, r.applied)
 
     def empty_outs(self, body, init):
         del body, init
         return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), bool)
 
     def params(self, carry):
+        self._state = carry.model_state
         return carry.params
+
+    def model_state(self):
+        """The model state of the carry whose parameters :meth:`params` returned last."""
+        if not self.has_state:
+            return ()
+        if self._state is None:
+            raise RuntimeError(
+                "TrainingLoop.model_state() was called before the method read the final "
+                "carry's parameters"
+            )
+        return self._state
 
     def replace_params(self, carry, params):
         return carry._replace(params=params)
 
     def optimality(self, params, u):
-        return jax.grad(lambda p: self.inner(p, self.constrain(u), self.last_input())[0])(params)
+        loss = self.objective(self.constrain(u), self.last_input(), self.model_state())
+        return jax.grad(lambda p: loss(p)[0])(params)
 
 
 def _merge(h: PyTree, fixed: PyTree) -> PyTree:
@@ -362,6 +467,21 @@ class BilevelOptimizer:
     :meth:`sample_batches`. :meth:`step` is jitted (compose it freely with an outer ``jax.jit``
     or ``jax.vmap``: a jitted function inside another is inlined).
 
+    **Stateful models** (``has_state=True``): a model with non-parameter state ``s`` (BatchNorm
+    running averages, dropout RNG counters: ``bilevel.nnx_apply_fn(model, with_state=True)``)
+    has losses ``loss(params, h, batch, s) -> (value, new_s)`` (``((value, aux), new_s)`` with
+    ``has_aux``). ``s`` starts as ``init(params, model_state=s0)`` and lives in
+    ``state.model_state``; each applied inner step replaces it by the ``new_s`` its loss returned
+    (a skipped step leaves it unchanged). The outer loss is evaluated with the state after the
+    inner steps, and the ``new_s`` it returns is discarded: evaluate the model in eval mode there
+    (running averages, no dropout) or in train mode, as the validation metric should be. The
+    state is never differentiated: every hypergradient treats it as a constant,
+
+    .. math:: g = \frac{d}{du} L_V\big(w_T(u), s, c(u)\big)\Big|_{s = s_T}
+
+    (an eval-mode outer loss depends on ``u`` through ``s_T`` too; that path is dropped, as the
+    running averages are a by-product of training rather than a function being optimized).
+
     Args:
       inner_loss: ``inner_loss(params, h, batch) -> scalar`` (``(scalar, aux)`` if ``has_aux``),
         ``h`` the constrained hyperparameters (a dict when the space is a dict).
@@ -385,6 +505,8 @@ class BilevelOptimizer:
         tuner does not tune, e.g. ``{"lr": 1e-3, "dropout": 0.1}``; the space must be a dict and
         share no key with them. They live in ``state.fixed_hparams`` (so a population holds one
         value per member and a schedule or ``bilevel.pbt`` may rewrite them between steps).
+      has_state: the model has non-parameter state: both losses take it as a fourth argument
+        and return ``(value, new_model_state)`` (above); :meth:`init` needs ``model_state=``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, solvers, bilevel
@@ -418,10 +540,15 @@ class BilevelOptimizer:
         has_aux: bool = False,
         throw: bool = False,
         fixed_hparams: dict[str, Any] | None = None,
+        has_state: bool = False,
     ):
+        if not isinstance(has_state, bool | np.bool_):
+            raise TypeError(f"has_state must be True or False, got {has_state!r}")
+        self.has_state = bool(has_state)
+        signature = "loss(params, h, batch, model_state)" if has_state else "loss(params, h, batch)"
         for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
             if not callable(fn):
-                raise TypeError(f"{name} must be a callable loss(params, h, batch), got {fn!r}")
+                raise TypeError(f"{name} must be a callable {signature}, got {fn!r}")
         if not isinstance(outer_optimizer, optax.GradientTransformation):
             raise TypeError(
                 f"outer_optimizer must be an optax.GradientTransformation, got {outer_optimizer!r}"
@@ -448,15 +575,21 @@ class BilevelOptimizer:
         self.has_aux = bool(has_aux)
         self.throw = bool(throw)
         self.outer_optimizer = optax.with_extra_args_support(outer_optimizer)
-        self._inner = _loss(inner_loss, "inner_loss", self.has_aux)
-        self._outer = _loss(outer_loss, "outer_loss", self.has_aux)
+        wrap = _stateful_loss if self.has_state else _loss
+        self._inner = wrap(inner_loss, "inner_loss", self.has_aux)
+        self._outer = wrap(outer_loss, "outer_loss", self.has_aux)
         self._step = jax.jit(self._step_impl)
         self._warmup = jax.jit(self._warmup_impl)
 
     # ------------------------------------------------------------------ public API
 
     def init(
-        self, params: PyTree, hparams: PyTree | None = None, key: jax.Array | None = None
+        self,
+        params: PyTree,
+        hparams: PyTree | None = None,
+        key: jax.Array | None = None,
+        *,
+        model_state: PyTree | None = None,
     ) -> BilevelState:
         """The initial state.
 
@@ -467,6 +600,9 @@ class BilevelOptimizer:
             with ``bilevel.hparams.unconstrain``.
           key: PRNG key stored in the state for the training loop (default
             ``jax.random.key(0)``; a legacy ``uint32`` key is accepted and wrapped).
+          model_state: the model's non-parameter state (required with ``has_state=True``, e.g.
+            the third output of ``bilevel.nnx_apply_fn(model, with_state=True)``; refused
+            otherwise).
 
         Returns:
           A :class:`BilevelState`.
@@ -486,9 +622,10 @@ class BilevelOptimizer:
             ):
                 raise ValueError("hparams contains non-finite values")
         key = _typed_key(key)
+        model_state = _check_model_state(model_state, self.has_state, "init")
         loop = self._loop(None, self.fixed_hparams)
         inner_state = loop.optimizer(loop.constrain(u)).init(params)
-        carry = _Carry(params, inner_state, jnp.asarray(0, jnp.int32))
+        carry = _Carry(params, inner_state, jnp.asarray(0, jnp.int32), model_state)
         method_state = self.method.init(loop, carry, u)
         zero = jnp.asarray(0, jnp.int32)
         return BilevelState(
@@ -502,6 +639,7 @@ class BilevelOptimizer:
             zero,
             key,
             dict(self.fixed_hparams),
+            model_state,
         )
 
     def hparams(self, state: BilevelState) -> PyTree:
@@ -514,11 +652,12 @@ class BilevelOptimizer:
         return state.params
 
     def update_model(self, model: nnx.Module, state: BilevelState) -> nnx.Module:
-        """Write the trained parameters of ``state`` into ``model`` in place (and return it).
+        """Write the trained parameters (and model state) of ``state`` into ``model`` in place.
 
         The one call back from the tuner to the user's Flax NNX model, for parameters that came
         from ``bilevel.nnx_apply_fn(model)`` (an ``nnx.State``): ``nnx.update(model,
-        state.params)``.
+        state.params)``; with ``has_state=True`` the model state too (BatchNorm running
+        averages, RNG counters): ``nnx.update(model, state.params, state.model_state)``.
 
         Args:
           model: the ``nnx.Module`` whose parameters were given to :meth:`init`.
@@ -549,7 +688,16 @@ class BilevelOptimizer:
                 f"update_model needs parameters from bilevel.nnx_apply_fn(model) (an nnx.State); "
                 f"this state holds a {type(state.params).__name__}: put them back yourself"
             )
-        nnx.update(model, state.params)
+        if self.has_state:
+            if not isinstance(state.model_state, nnx.State):
+                raise TypeError(
+                    "update_model needs a model state from bilevel.nnx_apply_fn(model, "
+                    f"with_state=True) (an nnx.State); this state holds a "
+                    f"{type(state.model_state).__name__}: put it back yourself"
+                )
+            nnx.update(model, state.params, state.model_state)
+        else:
+            nnx.update(model, state.params)
         return model
 
     def step(
@@ -605,14 +753,14 @@ class BilevelOptimizer:
 
     def _warmup_impl(self, state, inner_batches):
         loop = self._loop(inner_batches, state.fixed_hparams)
-        carry = _Carry(state.params, state.inner_state, state.inner_skipped)
         carry, (values, applied) = loop.run(
-            carry, state.hparams, 0, loop.num_steps, differentiable=False
+            _carry(state), state.hparams, 0, loop.num_steps, differentiable=False
         )
         state = state._replace(
             params=carry.params,
             inner_state=carry.inner_state,
             inner_skipped=carry.inner_skipped,
+            model_state=carry.model_state,
             step=state.step + 1,
         )
         return state, {
@@ -691,17 +839,25 @@ class BilevelOptimizer:
 
     def _loop(self, inner_batches, fixed) -> TrainingLoop:
         constrain = lambda u: _merge(_values(self.space, u), fixed)
+        args = (self._inner, self.inner_optimizer, constrain, self.inner_steps)
         if inner_batches is None:
-            return TrainingLoop(self._inner, self.inner_optimizer, constrain, self.inner_steps)
+            return TrainingLoop(*args, has_state=self.has_state)
         if jnp.shape(jax.tree.leaves(inner_batches)[0])[0] == 1 and self.inner_steps != 1:
             # One batch reused by every step, without copies.
             shared = jax.tree.map(lambda a: a[0], inner_batches)
-            return TrainingLoop(
-                self._inner, self.inner_optimizer, constrain, self.inner_steps, shared=shared
-            )
-        return TrainingLoop(
-            self._inner, self.inner_optimizer, constrain, self.inner_steps, xs=inner_batches
-        )
+            return TrainingLoop(*args, shared=shared, has_state=self.has_state)
+        return TrainingLoop(*args, xs=inner_batches, has_state=self.has_state)
+
+    def _outer_at(self, loop, outer_batch):
+        """``(w, u) -> (value, aux)``: the outer loss at the model state the method reached."""
+        if not self.has_state:
+            return lambda p, u: self._outer(p, loop.constrain(u), outer_batch)
+
+        def outer(p, u):
+            state = jax.lax.stop_gradient(loop.model_state())
+            return self._outer(p, loop.constrain(u), outer_batch, state)[0]
+
+        return outer
 
     def _check_batches(self, inner_batches):
         leaves = jax.tree.leaves(inner_batches)
@@ -722,7 +878,7 @@ class BilevelOptimizer:
 
     def _step_impl(self, state, inner_batches, outer_batch):
         loop = self._loop(inner_batches, state.fixed_hparams)
-        carry = _Carry(state.params, state.inner_state, state.inner_skipped)
+        carry = _carry(state)
         expected = jax.eval_shape(lambda: self.method.init(loop, carry, state.hparams))
         try:
             T.check_same_structure(expected, state.method_state, "state.method_state")
@@ -733,9 +889,7 @@ class BilevelOptimizer:
                 "with this optimizer's init(...)"
             ) from None
 
-        def outer(p, u):
-            return self._outer(p, loop.constrain(u), outer_batch)
-
+        outer = self._outer_at(loop, outer_batch)
         hg = self.method.hypergradient(loop, carry, state.hparams, outer, state.method_state)
         carry = hg.carry
         values, applied = hg.outs
@@ -766,6 +920,7 @@ class BilevelOptimizer:
             inner_skipped=carry.inner_skipped,
             key=state.key,
             fixed_hparams=state.fixed_hparams,
+            model_state=carry.model_state,
         )
         metrics = {
             "inner_loss": _masked_mean(values, applied),
@@ -782,9 +937,39 @@ class BilevelOptimizer:
         }
         if self.has_aux:
             h = loop.constrain(state.hparams)
-            metrics["inner_aux"] = self._inner(carry.params, h, loop.last_input())[1]
+            loss = loop.objective(h, loop.last_input(), carry.model_state)
+            metrics["inner_aux"] = loss(carry.params)[1][0]
             metrics["outer_aux"] = hg.aux
         return state, metrics
+
+
+def _carry(state: BilevelState) -> _Carry:
+    return _Carry(state.params, state.inner_state, state.inner_skipped, state.model_state)
+
+
+def _check_model_state(model_state, has_state: bool, where: str) -> PyTree:
+    """The model state as arrays, or ``()`` for a stateless tuner; clear errors otherwise."""
+    if not has_state:
+        if model_state is not None and jax.tree.leaves(model_state):
+            raise ValueError(
+                f"{where}: model_state= was given but the losses were declared stateless: pass "
+                "has_state=True to BilevelOptimizer, with losses loss(params, h, batch, "
+                "model_state) -> (value, new_model_state)"
+            )
+        return ()
+    if model_state is None:
+        raise ValueError(
+            f"{where}: has_state=True needs the model's non-parameter state: pass "
+            "model_state=..., e.g. the third output of bilevel.nnx_apply_fn(model, "
+            "with_state=True)"
+        )
+    for leaf in jax.tree.leaves(model_state):
+        if not isinstance(leaf, jax.Array | np.ndarray | np.generic | float | int | bool):
+            raise TypeError(
+                f"{where}: model_state must be a pytree of arrays, got a leaf of type "
+                f"{type(leaf).__name__} in {T.describe(model_state)}"
+            )
+    return jax.tree.map(jnp.asarray, model_state)
 
 
 def _typed_key(key):
@@ -834,6 +1019,7 @@ def hypergradient(
     method: Method | None = None,
     inner_optimizer: optax.GradientTransformation | None = None,
     inner_state: PyTree | None = None,
+    model_state: PyTree | None = None,
     return_info: bool = False,
     throw: bool = False,
 ):
@@ -854,8 +1040,14 @@ def hypergradient(
     ``BilevelOptimizer.step`` applies from that state. Every setting of the method is honoured
     (``checkpoint_every``, ``decay``); ``Implicit.warm_start`` has no previous solve here.
 
+    With ``model_state`` (a stateful model, e.g. BatchNorm: see ``BilevelOptimizer(...,
+    has_state=True)``) the losses are ``loss(params, h, batch, model_state) -> (scalar,
+    new_model_state)``: the inner steps thread the state, the outer loss and the implicit system
+    see the state after them, and the hypergradient treats it as a constant.
+
     Args:
-      inner_loss, outer_loss: ``loss(params, h, batch) -> scalar``.
+      inner_loss, outer_loss: ``loss(params, h, batch) -> scalar``, or with ``model_state``
+        ``loss(params, h, batch, model_state) -> (scalar, new_model_state)``.
       params: parameters.
       hparams: hyperparameter values ``h`` (the loss convention's constrained values; the
         gradient is w.r.t. these).
@@ -864,6 +1056,7 @@ def hypergradient(
       method: a :class:`solvers.AbstractMethod` (default ``solvers.Implicit()``).
       inner_optimizer: Optax transformation running the inner steps.
       inner_state: its state (default ``inner_optimizer.init(params)``).
+      model_state: the model's non-parameter state (``None``: a stateless model).
       return_info: also return :class:`HypergradientInfo`.
       throw: raise instead of reporting a ``NONFINITE`` or ``LINEAR_SOLVE_FAILED`` status.
 
@@ -884,13 +1077,16 @@ def hypergradient(
         raise ValueError("outer_batch is None: pass the validation batch for outer_loss")
     params = jax.tree.map(jnp.asarray, params)
     hparams = jax.tree.map(jnp.asarray, hparams)
-    inner = _loss(inner_loss, "inner_loss", False)
-    outer = _loss(outer_loss, "outer_loss", False)
+    has_state = model_state is not None
+    model_state = _check_model_state(model_state, has_state, "hypergradient")
+    wrap = _stateful_loss if has_state else _loss
+    inner = wrap(inner_loss, "inner_loss", False)
+    outer = wrap(outer_loss, "outer_loss", False)
     if inner_optimizer is None:
         if inner_state is not None:
             raise ValueError("inner_state= needs inner_optimizer= (the optimizer it belongs to)")
         n, inner_state = 0, ()
-        loop = TrainingLoop(inner, None, lambda h: h, 0, shared=inner_batch)
+        loop = TrainingLoop(inner, None, lambda h: h, 0, shared=inner_batch, has_state=has_state)
     else:
         if not isinstance(inner_optimizer, optax.GradientTransformation):
             raise TypeError(
@@ -905,7 +1101,7 @@ def hypergradient(
             )
         opt = optax.with_extra_args_support(inner_optimizer)
         inner_state = opt.init(params) if inner_state is None else inner_state
-        loop = TrainingLoop(inner, opt, lambda h: h, n, xs=inner_batch)
+        loop = TrainingLoop(inner, opt, lambda h: h, n, xs=inner_batch, has_state=has_state)
     try:
         method.validate(n)
     except ValueError as e:
@@ -915,8 +1111,14 @@ def hypergradient(
                 "stacked inner batches for this method"
             ) from None
         raise
-    carry = _Carry(params, inner_state, jnp.asarray(0, jnp.int32))
-    hg = method.hypergradient(loop, carry, hparams, lambda p, h: outer(p, h, outer_batch), None)
+    carry = _Carry(params, inner_state, jnp.asarray(0, jnp.int32), model_state)
+
+    def outer_at(p, h):
+        if not has_state:
+            return outer(p, h, outer_batch)
+        return outer(p, h, outer_batch, jax.lax.stop_gradient(loop.model_state()))[0]
+
+    hg = method.hypergradient(loop, carry, hparams, outer_at, None)
     if throw:
         solvers.error_if_failed(hg.status, "bilevel.hypergradient")
     if not return_info:

@@ -61,43 +61,93 @@ def minibatches(
     return jax.tree.map(lambda a: a[idx], data)
 
 
+_MODES = {
+    "train": {"deterministic": False, "use_running_average": False},
+    "eval": {"deterministic": True, "use_running_average": True},
+}
+
+
 def nnx_apply_fn(
-    model: nnx.Module, wrt: Any = nnx.Param, rng_stream: str = "dropout"
-) -> tuple[Callable, PyTree]:
-    """Split a Flax NNX model into a pure ``apply_fn(params, *args, key=None, **kw)`` and params.
+    model: nnx.Module,
+    wrt: Any = nnx.Param,
+    rng_stream: str = "dropout",
+    *,
+    with_state: bool = False,
+    mode: str | None = None,
+) -> tuple[Callable, PyTree] | tuple[Callable, PyTree, PyTree]:
+    """Split a Flax NNX model into a pure apply function, its parameters (and its other state).
 
-        ``nnx.split(model, wrt, ...)`` separates the trainable parameters from the rest (batch
-        statistics, RNG streams, ...). ``apply_fn`` merges them back into a fresh copy each call, so
-        it is a pure function of ``params``: differentiate it, ``jit`` it, ``vmap`` it over a
-        population. ``key`` reseeds the ``rng_stream`` (dropout) stream for this call. Changes the
-        model makes to non-parameter state during the call (e.g. BatchNorm running averages) are
-        discarded; call ``model.eval()`` before splitting to get an evaluation-mode function.
+    ``nnx.split(model, wrt, ...)`` separates the trainable parameters from the rest of the
+    model's variables: BatchNorm's ``BatchStat`` running averages, the ``RngState`` (key and
+    counter) of each random stream, any other ``nnx.Variable`` that is not a parameter. The apply
+    function merges them back into a fresh copy at each call, so it is a pure function of its
+    arguments: differentiate it, ``jit`` it, ``vmap`` it over a population.
 
-        Args:
-          model: an ``nnx.Module``.
-          wrt: filter selecting the parameters (default ``nnx.Param``).
-          rng_stream: name of the RNG stream that ``key`` reseeds.
+    - ``with_state=False``: ``apply_fn(params, *args, key=None, **kw) -> out``. Changes the call
+      makes to the non-parameter state (running averages, RNG counters) are discarded: every
+      call sees the state the model had when it was split.
+    - ``with_state=True``: ``apply_fn(params, model_state, *args, key=None, **kw) -> (out,
+      new_model_state)``, the functional form of a stateful model (Flax NNX's
+      ``merge -> call -> split``): thread ``new_model_state`` into the next call, e.g. through
+      ``bilevel.BilevelOptimizer(..., has_state=True)``. ``new_model_state`` has the structure
+      of ``model_state``.
 
-        Returns:
-          ``(apply_fn, params)``; ``params`` is an ``nnx.State`` (a pytree).
+    ``key`` reseeds the ``rng_stream`` stream (dropout) for this call. ``mode`` fixes how the
+    copy runs: ``"train"`` (BatchNorm normalizes by the batch's statistics and updates its
+    running averages, dropout is active), ``"eval"`` (BatchNorm uses the running averages and
+    leaves them unchanged, dropout is off) or ``None`` (the mode the model is in, set by
+    ``model.train()`` / ``model.eval()``). Split one model twice, once per mode, to get a
+    training and an evaluation function of the same parameters and state.
 
-        Example:
-          >>> import jax, jax.numpy as jnp, bilevel
-          >>> from flax import nnx
+    Args:
+      model: an ``nnx.Module``.
+      wrt: filter selecting the parameters (default ``nnx.Param``).
+      rng_stream: name of the RNG stream that ``key`` reseeds.
+      with_state: return the stateful form (above) and the non-parameter state.
+      mode: ``"train"``, ``"eval"`` or ``None`` (keep the model's mode).
 
-    from solvers import checks
-          >>> apply_fn, params = bilevel.nnx_apply_fn(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
-          >>> apply_fn(params, jnp.ones((5, 3))).shape
-          (5, 2)
+    Returns:
+      ``(apply_fn, params)``, or ``(apply_fn, params, model_state)`` with ``with_state``;
+      ``params`` and ``model_state`` are ``nnx.State`` pytrees.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bilevel
+      >>> from flax import nnx
+      >>> apply_fn, params = bilevel.nnx_apply_fn(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+      >>> apply_fn(params, jnp.ones((5, 3))).shape
+      (5, 2)
+      >>> bn = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+      >>> train_fn, p, s = bilevel.nnx_apply_fn(bn, with_state=True, mode="train")
+      >>> out, s = train_fn(p, s, jnp.ones((4, 2)))
+      >>> [round(float(m), 4) for m in s["mean"][...]]  # 1% of the way to the batch mean
+      [0.01, 0.01]
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
+    if not isinstance(with_state, bool):
+        raise TypeError(f"with_state must be True or False, got {with_state!r}")
+    if mode is not None:
+        if mode not in _MODES:
+            raise ValueError(f'mode must be "train", "eval" or None, got {mode!r}')
+        model = nnx.view(model, raise_if_not_found=False, **_MODES[mode])
     graphdef, params, rest = nnx.split(model, wrt, ...)
 
-    def apply_fn(params, *args, key=None, **kwargs):
-        m = nnx.merge(graphdef, params, rest, copy=True)
+    def merged(params, model_state, key):
+        m = nnx.merge(graphdef, params, model_state, copy=True)
         if key is not None:
             nnx.reseed(m, **{rng_stream: key})
-        return m(*args, **kwargs)
+        return m
 
-    return apply_fn, params
+    if not with_state:
+
+        def apply_fn(params, *args, key=None, **kwargs):
+            return merged(params, rest, key)(*args, **kwargs)
+
+        return apply_fn, params
+
+    def stateful_apply_fn(params, model_state, *args, key=None, **kwargs):
+        m = merged(params, model_state, key)
+        out = m(*args, **kwargs)
+        return out, nnx.split(m, wrt, ...)[2]
+
+    return stateful_apply_fn, params, rest

@@ -137,7 +137,16 @@ class Trainer:
     constrained per-example values, ``h.hnet`` the features to feed the layers:
     ``model(x, h.hnet)``, or ``h.apply(model, x)`` for the Delta-STN linearization), ``key`` a
     fresh PRNG key for dropout/augmentation. The example axis of each batch is the leading axis
-    of its first leaf. Every step goes through :func:`solvers.guard`: a step that produces a
+    of its first leaf.
+
+    Stateful models (``nnx.BatchNorm``, ``nnx.Dropout`` with its own RNG stream, any
+    ``nnx.Variable`` that is not an ``nnx.Param``): the losses receive a fresh copy of the model
+    holding the current state (``state.model_state``) and update it the NNX way, by calling it.
+    An applied inner step keeps the state its copy ends with (a skipped step keeps the old
+    one); the outer loss sees the state after the inner steps of the cycle, and what it does to
+    its copy is discarded: call ``model.eval()`` on that copy first to evaluate with the running
+    statistics, or leave it in train mode. The state is never differentiated and is
+    checkpointed with the rest of :class:`TrainerState`. Every step goes through :func:`solvers.guard`: a step that produces a
     non-finite loss, gradient, parameter, optimizer state, hyperparameter or scale is not applied
     and is counted (``skipped``, ``inner_skipped``).
 
@@ -571,7 +580,7 @@ class Trainer:
             k_eps, k_loss = jax.random.split(key)
 
             def loss(p, h):
-                model = nnx.merge(self._graphdef, p, model_state)
+                model = nnx.merge(self._graphdef, p, jax.lax.stop_gradient(model_state))
                 value = self._call(
                     "inner_loss",
                     "inner_loss(model, h, batch, key)",
@@ -581,7 +590,7 @@ class Trainer:
                     batch,
                     k_loss,
                 )
-                return value, nnx.state(model, nnx.Not(nnx.Param))
+                return value, jax.lax.stop_gradient(nnx.state(model, nnx.Not(nnx.Param)))
 
             value, new_model_state, grads = self.method.inner_value_and_grad(
                 loss,
@@ -612,7 +621,10 @@ class Trainer:
         def objective(hyper, batch, key):
             u, rho = hyper
             h = self._perturbed(u, rho, key, _batch_size(batch, "outer_batches"), reads)
-            model = nnx.merge(self._graphdef, inner.params, inner.model_state)
+            # The state after the inner steps; what the outer loss does to it is discarded.
+            model = nnx.merge(
+                self._graphdef, inner.params, jax.lax.stop_gradient(inner.model_state)
+            )
             value = self._call(
                 "outer_loss", "outer_loss(model, h, batch)", self.outer_loss, model, h, batch
             )
