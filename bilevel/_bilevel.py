@@ -164,12 +164,17 @@ class TrainingLoop(solvers.InnerLoop):
     when the loss, the gradient, the new parameters and the new optimizer state are finite. The
     implicit system is the inner gradient on the last batch. ``optimizer`` is an Optax
     transformation or a function ``h -> transformation`` (an optimizer built from the
-    hyperparameters, rebuilt at every step from the current ``h``).
+    hyperparameters, rebuilt at every step from the current ``h``). ``hyper_grads``, if given, is
+    a function ``(params, h) -> tree`` whose value (not differentiated) each step passes to the
+    optimizer's ``update`` as ``hyper_grads=`` (the validation-driven mode of ``hd_*``).
     """
 
-    def __init__(self, inner, optimizer, constrain, num_steps, *, xs=None, shared=None):
+    def __init__(
+        self, inner, optimizer, constrain, num_steps, *, xs=None, shared=None, hyper_grads=None
+    ):
         self.inner, self.opt, self.constrain = inner, optimizer, constrain
         self.num_steps, self.xs, self.shared = num_steps, xs, shared
+        self.hyper_grads = hyper_grads
 
     def optimizer(self, h) -> optax.GradientTransformationExtraArgs:
         """The inner optimizer at hyperparameters ``h``."""
@@ -180,9 +185,13 @@ class TrainingLoop(solvers.InnerLoop):
         h = self.constrain(u)
         (value, _), grad = jax.value_and_grad(self.inner, has_aux=True)(carry.params, h, batch)
         value_fn = lambda p: self.inner(p, h, batch)[0]
+        extra = {}
+        if self.hyper_grads is not None:
+            extra["hyper_grads"] = jax.lax.stop_gradient(self.hyper_grads(carry.params, h))
         updates, new_state = self.optimizer(h).update(
-            grad, carry.inner_state, carry.params, value=value, grad=grad, value_fn=value_fn
-        )
+            grad, carry.inner_state, carry.params, value=value, grad=grad, value_fn=value_fn,
+            **extra,
+        )  # fmt: skip
         new_params = optax.apply_updates(carry.params, updates)
         r = solvers.guard(
             (carry.params, carry.inner_state),
@@ -284,6 +293,20 @@ def _check_inner_factory(factory, space, u0, fixed, method) -> None:
         )
 
 
+def _check_hd_state(inner_state) -> None:
+    """``inner_hyper_grads=True`` needs an ``hd_*`` inner optimizer (its state says so)."""
+    from bilevel._hd import HypergradientLRState
+
+    is_hd = lambda x: isinstance(x, HypergradientLRState)
+    if not any(map(is_hd, jax.tree.leaves(inner_state, is_leaf=is_hd))):
+        raise ValueError(
+            "inner_hyper_grads=True passes the validation gradient to the inner optimizer as "
+            "hyper_grads=, which only a hypergradient learning rate uses: make the inner "
+            "optimizer bilevel.hd_adam(...), bilevel.hd_sgd(...) or bilevel.hypergradient_lr(...)"
+            " (any other optimizer ignores it), or pass inner_hyper_grads=False"
+        )
+
+
 def _masked_mean(values, applied):
     n = jnp.sum(applied)
     total = jnp.sum(jnp.where(applied, values, 0.0))
@@ -374,7 +397,10 @@ class BilevelOptimizer:
         (which sees only the losses) it may read only ``fixed_hparams`` (a clear error
         otherwise).
       outer_optimizer: Optax transformation for the unconstrained hyperparameters (first order:
-        a line search has no outer objective to evaluate).
+        a line search has no outer objective to evaluate). Default
+        :func:`bilevel.group_adam` ``()``: Adam with one second moment per hyperparameter
+        leaf, so that per-layer hyperparameters move by the sizes of their hypergradients, not
+        in lockstep (``python -m experiments.hpo_benchmark`` compares it with ``optax.adam``).
       space: hyperparameter space (pytree of :mod:`bilevel.hparams` specs).
       method: a :class:`solvers.AbstractMethod` (above).
       inner_steps: inner steps per outer step (``>= 1``).
@@ -385,6 +411,15 @@ class BilevelOptimizer:
         tuner does not tune, e.g. ``{"lr": 1e-3, "dropout": 0.1}``; the space must be a dict and
         share no key with them. They live in ``state.fixed_hparams`` (so a population holds one
         value per member and a schedule or :mod:`bilevel.pbt` may rewrite them between steps).
+      inner_hyper_grads: drive the learning rate of an ``hd_*`` inner optimizer
+        (:func:`bilevel.hd_adam`, :func:`bilevel.hd_sgd`, :func:`bilevel.hypergradient_lr`) by
+        the outer loss: every inner step passes
+        ``hyper_grads = grad_w outer_loss(w_t, h, outer_batch)`` (not differentiated) to its
+        ``update``, so the rate grows while the training steps also lower the validation loss
+        and shrinks once they stop doing so (a learned annealing). Costs one outer gradient per
+        inner step (choose the outer batch size accordingly); :meth:`warmup` steps, which have
+        no outer batch, use the training gradient. Any other inner optimizer is an error (it
+        would ignore ``hyper_grads``).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, solvers, bilevel
@@ -411,17 +446,25 @@ class BilevelOptimizer:
         outer_loss: Callable,
         *,
         inner_optimizer: optax.GradientTransformation,
-        outer_optimizer: optax.GradientTransformation,
+        outer_optimizer: optax.GradientTransformation | None = None,
         space: PyTree,
         method: Method,
         inner_steps: int,
         has_aux: bool = False,
         throw: bool = False,
         fixed_hparams: dict[str, Any] | None = None,
+        inner_hyper_grads: bool = False,
     ):
         for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
             if not callable(fn):
                 raise TypeError(f"{name} must be a callable loss(params, h, batch), got {fn!r}")
+        if outer_optimizer is None:
+            from bilevel._outer import group_adam
+
+            outer_optimizer = group_adam()
+        if not isinstance(inner_hyper_grads, bool | np.bool_):
+            raise TypeError(f"inner_hyper_grads must be a bool, got {inner_hyper_grads!r}")
+        self.inner_hyper_grads = bool(inner_hyper_grads)
         if not isinstance(outer_optimizer, optax.GradientTransformation):
             raise TypeError(
                 f"outer_optimizer must be an optax.GradientTransformation, got {outer_optimizer!r}"
@@ -451,7 +494,7 @@ class BilevelOptimizer:
         self._inner = _loss(inner_loss, "inner_loss", self.has_aux)
         self._outer = _loss(outer_loss, "outer_loss", self.has_aux)
         self._step = jax.jit(self._step_impl)
-        self._warmup = jax.jit(self._warmup_impl)
+        self._warmup = jax.jit(self._warmup_impl, static_argnums=2)
 
     # ------------------------------------------------------------------ public API
 
@@ -488,6 +531,8 @@ class BilevelOptimizer:
         key = _typed_key(key)
         loop = self._loop(None, self.fixed_hparams)
         inner_state = loop.optimizer(loop.constrain(u)).init(params)
+        if self.inner_hyper_grads:
+            _check_hd_state(inner_state)
         carry = _Carry(params, inner_state, jnp.asarray(0, jnp.int32))
         method_state = self.method.init(loop, carry, u)
         zero = jnp.asarray(0, jnp.int32)
@@ -584,27 +629,33 @@ class BilevelOptimizer:
             raise ValueError("outer_batch is None: pass the validation batch for outer_loss")
         return self._step(state, inner_batches, outer_batch)
 
-    def warmup(self, state: BilevelState, inner_batches: PyTree) -> tuple[BilevelState, dict]:
+    def warmup(
+        self, state: BilevelState, inner_batches: PyTree, steps: int | None = None
+    ) -> tuple[BilevelState, dict]:
         """Inner steps only, no hypergradient step (jitted): training before tuning starts.
 
         ``fit(..., warmup_steps=k)`` calls it ``k`` times before the first outer step (BO-REP's
         "initialization refinement"; a network far from its solution gives poor implicit
         hypergradients). The hyperparameters, the outer optimizer state and the method's memory
-        are unchanged; ``state.step`` advances so the batches keep changing.
+        are unchanged; ``state.step`` advances so the batches keep changing. ``fit(...,
+        train_steps=N)`` runs the remainder of a budget that ``inner_steps`` does not divide as
+        one ``warmup(..., steps=r)``.
 
         Args:
           state: current state.
-          inner_batches: as for :meth:`step`.
+          inner_batches: as for :meth:`step`, with a leading axis of length ``steps`` (or 1).
+          steps: inner steps to run (default ``inner_steps``).
 
         Returns:
           ``(state, metrics)`` with ``inner_loss``, ``inner_applied``, ``skipped`` and
           ``inner_skipped``.
         """
-        self._check_batches(inner_batches)
-        return self._warmup(state, inner_batches)
+        steps = self.inner_steps if steps is None else checks.integer("steps", steps)
+        self._check_batches(inner_batches, steps)
+        return self._warmup(state, inner_batches, steps)
 
-    def _warmup_impl(self, state, inner_batches):
-        loop = self._loop(inner_batches, state.fixed_hparams)
+    def _warmup_impl(self, state, inner_batches, steps):
+        loop = self._loop(inner_batches, state.fixed_hparams, num_steps=steps)
         carry = _Carry(state.params, state.inner_state, state.inner_skipped)
         carry, (values, applied) = loop.run(
             carry, state.hparams, 0, loop.num_steps, differentiable=False
@@ -689,30 +740,35 @@ class BilevelOptimizer:
 
     # ------------------------------------------------------------------ internals
 
-    def _loop(self, inner_batches, fixed) -> TrainingLoop:
+    def _loop(self, inner_batches, fixed, outer_batch=None, num_steps=None) -> TrainingLoop:
         constrain = lambda u: _merge(_values(self.space, u), fixed)
+        n = self.inner_steps if num_steps is None else num_steps
+        kw = {}
+        if self.inner_hyper_grads and outer_batch is not None:
+            kw["hyper_grads"] = lambda p, h: jax.grad(lambda q: self._outer(q, h, outer_batch)[0])(
+                p
+            )
         if inner_batches is None:
-            return TrainingLoop(self._inner, self.inner_optimizer, constrain, self.inner_steps)
-        if jnp.shape(jax.tree.leaves(inner_batches)[0])[0] == 1 and self.inner_steps != 1:
+            return TrainingLoop(self._inner, self.inner_optimizer, constrain, n, **kw)
+        if jnp.shape(jax.tree.leaves(inner_batches)[0])[0] == 1 and n != 1:
             # One batch reused by every step, without copies.
             shared = jax.tree.map(lambda a: a[0], inner_batches)
             return TrainingLoop(
-                self._inner, self.inner_optimizer, constrain, self.inner_steps, shared=shared
+                self._inner, self.inner_optimizer, constrain, n, shared=shared, **kw
             )
-        return TrainingLoop(
-            self._inner, self.inner_optimizer, constrain, self.inner_steps, xs=inner_batches
-        )
+        return TrainingLoop(self._inner, self.inner_optimizer, constrain, n, xs=inner_batches, **kw)
 
-    def _check_batches(self, inner_batches):
+    def _check_batches(self, inner_batches, num_steps=None):
+        n = self.inner_steps if num_steps is None else num_steps
         leaves = jax.tree.leaves(inner_batches)
         if not leaves:
             raise ValueError("inner_batches is empty")
         for leaf in leaves:
-            if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] not in (self.inner_steps, 1):
+            if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] not in (n, 1):
                 raise ValueError(
-                    f"every leaf of inner_batches needs a leading axis of length inner_steps="
-                    f"{self.inner_steps} (or 1: one batch reused by every inner step); got "
-                    f"shapes {jax.tree.map(jnp.shape, inner_batches)}"
+                    f"every leaf of inner_batches needs a leading axis of length {n} (the inner "
+                    f"steps to run; inner_steps={self.inner_steps}) or 1 (one batch reused by "
+                    f"every inner step); got shapes {jax.tree.map(jnp.shape, inner_batches)}"
                 )
         if len({jnp.shape(leaf)[0] for leaf in leaves}) > 1:
             raise ValueError(
@@ -721,7 +777,7 @@ class BilevelOptimizer:
             )
 
     def _step_impl(self, state, inner_batches, outer_batch):
-        loop = self._loop(inner_batches, state.fixed_hparams)
+        loop = self._loop(inner_batches, state.fixed_hparams, outer_batch)
         carry = _Carry(state.params, state.inner_state, state.inner_skipped)
         expected = jax.eval_shape(lambda: self.method.init(loop, carry, state.hparams))
         try:
