@@ -421,7 +421,12 @@ def main(argv=None):
     parser.add_argument(
         "--population-method", default="soba", help="the tuner a population is made of"
     )
-    parser.add_argument("--population-size", type=int, default=4, help="members (vmapped)")
+    parser.add_argument(
+        "--population-size",
+        type=int,
+        default=2,
+        help="members (vmapped; on a saturated CPU each costs a full run)",
+    )
     parser.add_argument(
         "--population-spread", type=float, default=1.0,
         help="std of the members' initial hyperparameters (unconstrained units)",
