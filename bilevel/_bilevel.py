@@ -712,9 +712,11 @@ class BilevelOptimizer:
 
         Runs ``steps`` outer steps in jitted chunks on batches from :meth:`sample_batches`, with
         one progress bar, a metrics history, callbacks and periodic checkpoints with resume.
-        Keyword arguments: ``steps``, ``batch_size``, ``outer_batch_size``, ``warmup_steps``
+        Keyword arguments: ``steps`` (or ``train_steps``: a budget of training steps that
+        ``inner_steps`` need not divide), ``batch_size``, ``outer_batch_size``, ``warmup_steps``
         (:meth:`warmup` steps first), ``chunk``,
-        ``callbacks``, ``checkpoint_dir``, ``checkpoint_every``, ``resume``, ``progress``,
+        ``callbacks`` (e.g. :class:`bilevel.EarlyStopping` on a held-out split),
+        ``checkpoint_dir``, ``checkpoint_every``, ``resume``, ``progress``,
         ``desc``, ``log_dir`` (per-step ``metrics.jsonl``), ``tensorboard``.
 
         Returns:
@@ -765,10 +767,11 @@ class BilevelOptimizer:
             raise ValueError("inner_batches is empty")
         for leaf in leaves:
             if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] not in (n, 1):
+                what = f"inner_steps={n}" if n == self.inner_steps else f"steps={n}"
                 raise ValueError(
-                    f"every leaf of inner_batches needs a leading axis of length {n} (the inner "
-                    f"steps to run; inner_steps={self.inner_steps}) or 1 (one batch reused by "
-                    f"every inner step); got shapes {jax.tree.map(jnp.shape, inner_batches)}"
+                    f"every leaf of inner_batches needs a leading axis of length {what} (or 1: "
+                    "one batch reused by every inner step); got shapes "
+                    f"{jax.tree.map(jnp.shape, inner_batches)}"
                 )
         if len({jnp.shape(leaf)[0] for leaf in leaves}) > 1:
             raise ValueError(

@@ -124,8 +124,8 @@ def group_adam(
     Args:
       learning_rate: the step ``eta`` in the unconstrained space (a float or an Optax schedule of
         the step count). The default 0.1 moves a log-scale hyperparameter by at most a factor
-        ``e^{0.3}`` per outer step (``max_step = 3``) and was chosen by
-        ``python -m experiments.hpo_benchmark``.
+        ``e^{0.3}`` per outer step (``max_step = 3``); it is the step
+        ``python -m experiments.hpo_benchmark`` runs with (not swept).
       b1: first-moment decay in ``[0, 1)``.
       b2: second-moment decay in ``[0, 1)``; 0.99 adapts within the few dozen outer steps of
         one training run.

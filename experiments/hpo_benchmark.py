@@ -535,8 +535,16 @@ def main(argv=None):
     results = tabulate(methods, fresh, args, tuners)
     wall = time.perf_counter() - t_start
     save(out, args, prob, methods, fresh, results, tuners)
-    plot(out / "hpo_benchmark.png", methods, fresh, results, args)
-    plot_schedules(out / "hpo_schedules.png", methods, tuners, args)
+    plot(out / "hpo_benchmark.png", {m.name: m.curve for m in methods}, fresh, results, args)
+    plot_schedules(
+        out / "hpo_schedules.png",
+        {
+            m.name: schedule_table(m.best, tuners[m.name][1])
+            for m in methods
+            if m.name in tuners and m.best is not None
+        },
+        args,
+    )
     print_tables(results, args, prob)
     _common.write_summary(
         out, "hpo_benchmark", summary_rows(results, args), seconds=wall, smoke=args.smoke
@@ -736,42 +744,48 @@ def summary_rows(results, args) -> list[dict[str, str]]:
     return out
 
 
-def plot(path, methods, fresh, results, args) -> None:
+def plot(path, curves, fresh, results, args) -> None:
+    """Best validation loss against wall clock, and the fresh-seed test accuracies.
+
+    Args:
+      path: the PNG to write.
+      curves: ``{method: [{"wall_s", "best_val_loss"}, ...]}``.
+      fresh: ``{method or "defaults": [(val loss, test accuracy), ...]}``.
+      results: the rows of :func:`tabulate`.
+      args: the parsed options (budgets).
+    """
     plt = _common.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3, 2]})
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.2), gridspec_kw={"width_ratios": [3, 2]})
     ax = axes[0]
     by = {r["method"]: r for r in results}
     default_val = by["defaults (untuned)"]["fresh_val"]
     ax.axhline(default_val, color=_common.color("default"), ls="--", lw=1.2,
                label=f"defaults, untuned (fresh seeds, {default_val:.3f})")  # fmt: skip
-    tpe = next((m for m in methods if m.name == "tpe"), None)
-    if tpe is not None and tpe.curve:
-        target = best_at(tpe, args.tpe_budget)
+    if "tpe" in by and curves.get("tpe"):
+        target = by["tpe"]["best_val@tpe_budget"]
         _common.target_line(ax, target, f"goal: below TPE at {args.tpe_budget:g} s ({target:.3f})")
-    for m in methods:
-        if not m.curve:
+    for name, curve in curves.items():
+        if not curve:
             continue
-        t = [0.0] + [c["wall_s"] for c in m.curve]
-        v = [np.nan] + [c["best_val_loss"] for c in m.curve]
-        ax.plot(t, v, drawstyle="steps-post", marker=".", color=_common.color(m.name),
-                label=f"{m.name} ({m.runs} runs)")  # fmt: skip
-    ax.axvline(args.budget, color="k", ls=":", lw=1)
-    ax.text(args.budget, 1.0, f" {args.budget:g} s", transform=ax.get_xaxis_transform(),
-            va="top", fontsize=8)  # fmt: skip
-    times = [c["wall_s"] for m in methods for c in m.curve]
-    if times and max(times) > 20 * args.budget / 8:
-        ax.set_xscale("symlog", linthresh=max(args.budget / 6, 1.0))
+        ax.plot([c["wall_s"] for c in curve], [c["best_val_loss"] for c in curve],
+                drawstyle="steps-post", marker=".", color=_common.color(name),
+                label=f"{name} ({by[name]['runs']} runs)")  # fmt: skip
+    ax.axvline(args.budget, color="k", ls="-.", lw=1, label=f"budget ({args.budget:g} s)")
+    if args.tpe_budget != args.budget:
+        ax.axvline(args.tpe_budget, color="k", ls=(0, (1, 4)), lw=1,
+                   label=f"TPE's budget ({args.tpe_budget:g} s)")  # fmt: skip
+    ax.set_xscale("log")
     ax.set(
-        xlabel="wall clock (s, this machine, compilation excluded)",
+        xlabel="wall clock (s, log scale; this machine, compilation excluded)",
         ylabel="best validation cross-entropy so far (nats)",
         title="Best validation loss of a final model vs wall clock",
     )
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
 
     ax = axes[1]
-    names = ["defaults"] + [m.name for m in methods]
+    names = ["defaults"] + [n for n in curves]
     for i, name in enumerate(names):
-        f = np.asarray(fresh[name]) if fresh.get(name) else np.empty((0, 2))
+        f = np.asarray(fresh[name], float) if fresh.get(name) else np.empty((0, 2))
         c = _common.color("default" if name == "defaults" else name)
         if len(f):
             ax.scatter(np.full(len(f), i), 100 * f[:, 1], color=c, alpha=0.6, s=18)
@@ -780,51 +794,54 @@ def plot(path, methods, fresh, results, args) -> None:
     ax.axhline(base, color=_common.color("default"), ls="--", lw=1.2, label="defaults (mean)")
     _common.target_line(ax, base + 0.5, "goal: defaults + 0.5 points")
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
-    ax.set(
-        ylabel="test accuracy (%)",
-        title=f"Fresh-seed check: {FRESH_SEEDS} new seeds (dots) and mean (bar)",
-    )
+    ax.set(ylabel="test accuracy (%)", title=f"Fresh-seed check: {FRESH_SEEDS} new seeds, mean")
     ax.legend(loc="lower right", fontsize=8)
     fig.suptitle(
         f"MLP 784-{args.hidden}-{args.hidden}-10 on MNIST-5k, {args.epochs} epochs per run, "
-        "7 hyperparameters"
+        "7 hyperparameters (dots: seeds; bars: their mean)"
     )
     _common.save_figure(fig, path, dpi=120)
 
 
-def plot_schedules(path, methods, tuners, args) -> None:
-    """Per-layer weight decay, dropout and learning rate along each gradient tuner's best run."""
+def plot_schedules(path, schedules, args) -> None:
+    """Per-layer weight decay, dropout and learning rate along each gradient tuner's best run.
+
+    Args:
+      path: the PNG to write.
+      schedules: ``{method: {"wd0", ..., "drop2", "lr"}}`` arrays over the run's outer steps
+        (:func:`schedule_table`).
+      args: the parsed options (defaults, inner steps).
+    """
     plt = _common.pyplot()
+    from matplotlib.lines import Line2D
+
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     styles = ("-", "--", ":")
-    handles = {}
-    for m in methods:
-        if m.name not in tuners or m.best is None:
-            continue
-        sched = schedule_table(m.best, tuners[m.name][1])
-        c = _common.color(m.name)
+    for name, sched in schedules.items():
+        c = _common.color(name)
         steps = np.arange(1, len(sched["wd0"]) + 1) * args.inner_steps
         for j in range(3):
-            (line,) = axes[0].plot(steps, sched[f"wd{j}"], color=c, ls=styles[j])
+            axes[0].plot(steps, sched[f"wd{j}"], color=c, ls=styles[j])
             axes[1].plot(steps, sched[f"drop{j}"], color=c, ls=styles[j])
         if "lr" in sched:
             axes[2].plot(steps, sched["lr"], color=c)
-        handles[m.name] = line
     for ax in axes:
         ax.set_xlabel("training step of the run")
     axes[0].set(yscale="log", ylabel="weight decay lambda_l", title="weight decay per layer")
-    axes[1].set(ylabel="dropout rate p_l", title="dropout per layer input")
-    axes[2].set(yscale="log", ylabel="Adam learning rate", title="learning rate")
-    axes[0].axhline(args.init_wd, color=_common.color("default"), ls="--", lw=1)
-    axes[1].axhline(args.init_dropout, color=_common.color("default"), ls="--", lw=1)
-    axes[2].axhline(args.init_lr, color=_common.color("default"), ls="--", lw=1)
-    from matplotlib.lines import Line2D
-
-    legend = [Line2D([], [], color=h.get_color(), label=n) for n, h in handles.items()]
+    axes[1].set(ylabel="dropout rate p_l", title="dropout on the input of layer l")
+    axes[2].set(yscale="log", ylabel="Adam learning rate",
+                title="learning rate (hd_adam, or its own hypergradient)")  # fmt: skip
+    for ax in (axes[0], axes[2]):
+        _common._plain_log_ticks(ax)
+    for ax, v in zip(axes, (args.init_wd, args.init_dropout, args.init_lr), strict=True):
+        ax.axhline(v, color=_common.color("default"), ls="--", lw=1)
+    legend = [Line2D([], [], color=_common.color(n), label=n) for n in schedules]
     legend += [Line2D([], [], color="k", ls=s, label=f"layer {j}") for j, s in enumerate(styles)]
-    legend.append(Line2D([], [], color=_common.color("default"), ls="--", label="default"))
+    legend.append(Line2D([], [], color=_common.color("default"), ls="--", label="default value"))
     axes[2].legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    fig.suptitle("Hyperparameters along each gradient tuner's best run (schedule it trained with)")
+    fig.suptitle(
+        "Hyperparameters along each gradient tuner's best run (the schedule it trained with)"
+    )
     _common.save_figure(fig, path, dpi=120)
 
 

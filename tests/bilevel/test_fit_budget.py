@@ -64,7 +64,7 @@ def test_warmup_steps_checks_the_batches_against_its_steps():
     opt, train, val, _ = _problem()
     state = opt.init(jnp.zeros(4))
     inner, _ = opt.sample_batches(state, train, val, 8)
-    with pytest.raises(ValueError, match="leading axis of length 3"):
+    with pytest.raises(ValueError, match="leading axis of length steps=3"):
         opt.warmup(state, inner, steps=3)
     shared = jax.tree.map(lambda a: a[:1], inner)  # one batch reused by the 3 steps
     assert int(opt.warmup(state, shared, steps=3)[1]["inner_applied"]) == 3
