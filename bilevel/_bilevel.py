@@ -227,6 +227,9 @@ class TrainingLoop(solvers.InnerLoop):
     state and the new model state are finite. The implicit system is the inner gradient on the
     last batch. ``optimizer`` is an Optax transformation or a function ``h -> transformation``
     (an optimizer built from the hyperparameters, rebuilt at every step from the current ``h``).
+    ``hyper_grads``, if given, is a function ``(params, h, model_state) -> tree`` whose value (not
+    differentiated) each step passes to the optimizer's ``update`` as ``hyper_grads=`` (the
+    validation-driven mode of ``hd_*``).
 
     ``inner`` is ``(w, h, batch) -> (value, aux)``, or with ``has_state`` ``(w, h, batch, s) ->
     ((value, aux), new_s)`` for a model with non-parameter state ``s`` (BatchNorm statistics,
@@ -237,11 +240,21 @@ class TrainingLoop(solvers.InnerLoop):
     """
 
     def __init__(
-        self, inner, optimizer, constrain, num_steps, *, xs=None, shared=None, has_state=False
+        self,
+        inner,
+        optimizer,
+        constrain,
+        num_steps,
+        *,
+        xs=None,
+        shared=None,
+        has_state=False,
+        hyper_grads=None,
     ):
         self.inner, self.opt, self.constrain = inner, optimizer, constrain
         self.num_steps, self.xs, self.shared = num_steps, xs, shared
         self.has_state = bool(has_state)
+        self.hyper_grads = hyper_grads
         self._state = None
 
     def optimizer(self, h) -> optax.GradientTransformationExtraArgs:
@@ -271,9 +284,14 @@ class TrainingLoop(solvers.InnerLoop):
         loss = self.objective(h, batch, carry.model_state)
         (value, (_, new_model_state)), grad = jax.value_and_grad(loss, has_aux=True)(carry.params)
         value_fn = lambda p: loss(p)[0]
+        extra = {}
+        if self.hyper_grads is not None:
+            hg = self.hyper_grads(carry.params, h, jax.lax.stop_gradient(carry.model_state))
+            extra["hyper_grads"] = jax.lax.stop_gradient(hg)
         updates, new_state = self.optimizer(h).update(
-            grad, carry.inner_state, carry.params, value=value, grad=grad, value_fn=value_fn
-        )
+            grad, carry.inner_state, carry.params, value=value, grad=grad, value_fn=value_fn,
+            **extra,
+        )  # fmt: skip
         new_params = optax.apply_updates(carry.params, updates)
         r = solvers.guard(
             (carry.params, carry.inner_state),
@@ -389,6 +407,20 @@ def _check_inner_factory(factory, space, u0, fixed, method) -> None:
         )
 
 
+def _check_hd_state(inner_state) -> None:
+    """``inner_hyper_grads=True`` needs an ``hd_*`` inner optimizer (its state says so)."""
+    from bilevel._hd import HypergradientLRState
+
+    is_hd = lambda x: isinstance(x, HypergradientLRState)
+    if not any(map(is_hd, jax.tree.leaves(inner_state, is_leaf=is_hd))):
+        raise ValueError(
+            "inner_hyper_grads=True passes the validation gradient to the inner optimizer as "
+            "hyper_grads=, which only a hypergradient learning rate uses: make the inner "
+            "optimizer bilevel.hd_adam(...), bilevel.hd_sgd(...) or bilevel.hypergradient_lr(...)"
+            " (any other optimizer ignores it), or pass inner_hyper_grads=False"
+        )
+
+
 def _masked_mean(values, applied):
     n = jnp.sum(applied)
     total = jnp.sum(jnp.where(applied, values, 0.0))
@@ -494,7 +526,10 @@ class BilevelOptimizer:
         (which sees only the losses) it may read only ``fixed_hparams`` (a clear error
         otherwise).
       outer_optimizer: Optax transformation for the unconstrained hyperparameters (first order:
-        a line search has no outer objective to evaluate).
+        a line search has no outer objective to evaluate). Default
+        :func:`bilevel.group_adam` ``()``: Adam with one second moment per hyperparameter
+        leaf, so that per-layer hyperparameters move by the sizes of their hypergradients, not
+        in lockstep (``python -m experiments.hpo_benchmark`` compares it with ``optax.adam``).
       space: hyperparameter space (pytree of :mod:`bilevel.hparams` specs).
       method: a :class:`solvers.AbstractMethod` (above).
       inner_steps: inner steps per outer step (``>= 1``).
@@ -507,6 +542,15 @@ class BilevelOptimizer:
         value per member and a schedule or ``bilevel.pbt`` may rewrite them between steps).
       has_state: the model has non-parameter state: both losses take it as a fourth argument
         and return ``(value, new_model_state)`` (above); :meth:`init` needs ``model_state=``.
+      inner_hyper_grads: drive the learning rate of an ``hd_*`` inner optimizer
+        (:func:`bilevel.hd_adam`, :func:`bilevel.hd_sgd`, :func:`bilevel.hypergradient_lr`) by
+        the outer loss: every inner step passes
+        ``hyper_grads = grad_w outer_loss(w_t, h, outer_batch)`` (not differentiated) to its
+        ``update``, so the rate grows while the training steps also lower the validation loss
+        and shrinks once they stop doing so (a learned annealing). Costs one outer gradient per
+        inner step (choose the outer batch size accordingly); :meth:`warmup` steps, which have
+        no outer batch, use the training gradient. Any other inner optimizer is an error (it
+        would ignore ``hyper_grads``).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, solvers, bilevel
@@ -533,7 +577,7 @@ class BilevelOptimizer:
         outer_loss: Callable,
         *,
         inner_optimizer: optax.GradientTransformation,
-        outer_optimizer: optax.GradientTransformation,
+        outer_optimizer: optax.GradientTransformation | None = None,
         space: PyTree,
         method: Method,
         inner_steps: int,
@@ -541,6 +585,7 @@ class BilevelOptimizer:
         throw: bool = False,
         fixed_hparams: dict[str, Any] | None = None,
         has_state: bool = False,
+        inner_hyper_grads: bool = False,
     ):
         if not isinstance(has_state, bool | np.bool_):
             raise TypeError(f"has_state must be True or False, got {has_state!r}")
@@ -549,6 +594,13 @@ class BilevelOptimizer:
         for name, fn in (("inner_loss", inner_loss), ("outer_loss", outer_loss)):
             if not callable(fn):
                 raise TypeError(f"{name} must be a callable {signature}, got {fn!r}")
+        if outer_optimizer is None:
+            from bilevel._outer import group_adam
+
+            outer_optimizer = group_adam()
+        if not isinstance(inner_hyper_grads, bool | np.bool_):
+            raise TypeError(f"inner_hyper_grads must be a bool, got {inner_hyper_grads!r}")
+        self.inner_hyper_grads = bool(inner_hyper_grads)
         if not isinstance(outer_optimizer, optax.GradientTransformation):
             raise TypeError(
                 f"outer_optimizer must be an optax.GradientTransformation, got {outer_optimizer!r}"
@@ -579,7 +631,7 @@ class BilevelOptimizer:
         self._inner = wrap(inner_loss, "inner_loss", self.has_aux)
         self._outer = wrap(outer_loss, "outer_loss", self.has_aux)
         self._step = jax.jit(self._step_impl)
-        self._warmup = jax.jit(self._warmup_impl)
+        self._warmup = jax.jit(self._warmup_impl, static_argnums=2)
 
     # ------------------------------------------------------------------ public API
 
@@ -625,6 +677,8 @@ class BilevelOptimizer:
         model_state = _check_model_state(model_state, self.has_state, "init")
         loop = self._loop(None, self.fixed_hparams)
         inner_state = loop.optimizer(loop.constrain(u)).init(params)
+        if self.inner_hyper_grads:
+            _check_hd_state(inner_state)
         carry = _Carry(params, inner_state, jnp.asarray(0, jnp.int32), model_state)
         method_state = self.method.init(loop, carry, u)
         zero = jnp.asarray(0, jnp.int32)
@@ -732,27 +786,33 @@ class BilevelOptimizer:
             raise ValueError("outer_batch is None: pass the validation batch for outer_loss")
         return self._step(state, inner_batches, outer_batch)
 
-    def warmup(self, state: BilevelState, inner_batches: PyTree) -> tuple[BilevelState, dict]:
+    def warmup(
+        self, state: BilevelState, inner_batches: PyTree, steps: int | None = None
+    ) -> tuple[BilevelState, dict]:
         """Inner steps only, no hypergradient step (jitted): training before tuning starts.
 
         ``fit(..., warmup_steps=k)`` calls it ``k`` times before the first outer step (BO-REP's
         "initialization refinement"; a network far from its solution gives poor implicit
         hypergradients). The hyperparameters, the outer optimizer state and the method's memory
-        are unchanged; ``state.step`` advances so the batches keep changing.
+        are unchanged; ``state.step`` advances so the batches keep changing. ``fit(...,
+        train_steps=N)`` runs the remainder of a budget that ``inner_steps`` does not divide as
+        one ``warmup(..., steps=r)``.
 
         Args:
           state: current state.
-          inner_batches: as for :meth:`step`.
+          inner_batches: as for :meth:`step`, with a leading axis of length ``steps`` (or 1).
+          steps: inner steps to run (default ``inner_steps``).
 
         Returns:
           ``(state, metrics)`` with ``inner_loss``, ``inner_applied``, ``skipped`` and
           ``inner_skipped``.
         """
-        self._check_batches(inner_batches)
-        return self._warmup(state, inner_batches)
+        steps = self.inner_steps if steps is None else checks.integer("steps", steps)
+        self._check_batches(inner_batches, steps)
+        return self._warmup(state, inner_batches, steps)
 
-    def _warmup_impl(self, state, inner_batches):
-        loop = self._loop(inner_batches, state.fixed_hparams)
+    def _warmup_impl(self, state, inner_batches, steps):
+        loop = self._loop(inner_batches, state.fixed_hparams, num_steps=steps)
         carry, (values, applied) = loop.run(
             _carry(state), state.hparams, 0, loop.num_steps, differentiable=False
         )
@@ -809,9 +869,11 @@ class BilevelOptimizer:
 
         Runs ``steps`` outer steps in jitted chunks on batches from :meth:`sample_batches`, with
         one progress bar, a metrics history, callbacks and periodic checkpoints with resume.
-        Keyword arguments: ``steps``, ``batch_size``, ``outer_batch_size``, ``warmup_steps``
+        Keyword arguments: ``steps`` (or ``train_steps``: a budget of training steps that
+        ``inner_steps`` need not divide), ``batch_size``, ``outer_batch_size``, ``warmup_steps``
         (:meth:`warmup` steps first), ``chunk``,
-        ``callbacks``, ``checkpoint_dir``, ``checkpoint_every``, ``resume``, ``progress``,
+        ``callbacks`` (e.g. :class:`bilevel.EarlyStopping` on a held-out split),
+        ``checkpoint_dir``, ``checkpoint_every``, ``resume``, ``progress``,
         ``desc``, ``log_dir`` (per-step ``metrics.jsonl``), ``tensorboard``.
 
         Returns:
@@ -837,16 +899,28 @@ class BilevelOptimizer:
 
     # ------------------------------------------------------------------ internals
 
-    def _loop(self, inner_batches, fixed) -> TrainingLoop:
+    def _loop(self, inner_batches, fixed, outer_batch=None, num_steps=None) -> TrainingLoop:
         constrain = lambda u: _merge(_values(self.space, u), fixed)
-        args = (self._inner, self.inner_optimizer, constrain, self.inner_steps)
+        n = self.inner_steps if num_steps is None else num_steps
+        kw = {"has_state": self.has_state}
+        if self.inner_hyper_grads and outer_batch is not None:
+
+            def hyper_grads(p, h, model_state):
+                if self.has_state:
+                    f = lambda q: self._outer(q, h, outer_batch, model_state)[0][0]
+                else:
+                    f = lambda q: self._outer(q, h, outer_batch)[0]
+                return jax.grad(f)(p)
+
+            kw["hyper_grads"] = hyper_grads
+        args = (self._inner, self.inner_optimizer, constrain, n)
         if inner_batches is None:
-            return TrainingLoop(*args, has_state=self.has_state)
-        if jnp.shape(jax.tree.leaves(inner_batches)[0])[0] == 1 and self.inner_steps != 1:
+            return TrainingLoop(*args, **kw)
+        if jnp.shape(jax.tree.leaves(inner_batches)[0])[0] == 1 and n != 1:
             # One batch reused by every step, without copies.
             shared = jax.tree.map(lambda a: a[0], inner_batches)
-            return TrainingLoop(*args, shared=shared, has_state=self.has_state)
-        return TrainingLoop(*args, xs=inner_batches, has_state=self.has_state)
+            return TrainingLoop(*args, shared=shared, **kw)
+        return TrainingLoop(*args, xs=inner_batches, **kw)
 
     def _outer_at(self, loop, outer_batch):
         """``(w, u) -> (value, aux)``: the outer loss at the model state the method reached."""
@@ -859,16 +933,18 @@ class BilevelOptimizer:
 
         return outer
 
-    def _check_batches(self, inner_batches):
+    def _check_batches(self, inner_batches, num_steps=None):
+        n = self.inner_steps if num_steps is None else num_steps
         leaves = jax.tree.leaves(inner_batches)
         if not leaves:
             raise ValueError("inner_batches is empty")
         for leaf in leaves:
-            if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] not in (self.inner_steps, 1):
+            if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] not in (n, 1):
+                what = f"inner_steps={n}" if n == self.inner_steps else f"steps={n}"
                 raise ValueError(
-                    f"every leaf of inner_batches needs a leading axis of length inner_steps="
-                    f"{self.inner_steps} (or 1: one batch reused by every inner step); got "
-                    f"shapes {jax.tree.map(jnp.shape, inner_batches)}"
+                    f"every leaf of inner_batches needs a leading axis of length {what} (or 1: "
+                    "one batch reused by every inner step); got shapes "
+                    f"{jax.tree.map(jnp.shape, inner_batches)}"
                 )
         if len({jnp.shape(leaf)[0] for leaf in leaves}) > 1:
             raise ValueError(
@@ -877,7 +953,7 @@ class BilevelOptimizer:
             )
 
     def _step_impl(self, state, inner_batches, outer_batch):
-        loop = self._loop(inner_batches, state.fixed_hparams)
+        loop = self._loop(inner_batches, state.fixed_hparams, outer_batch)
         carry = _carry(state)
         expected = jax.eval_shape(lambda: self.method.init(loop, carry, state.hparams))
         try:

@@ -7,11 +7,18 @@
   same data);
 - ``step(state, inner_batches, outer_batches) -> (state, metrics)`` - ``metrics`` a dict (nested
   dicts allowed) of arrays;
-- ``warmup(state, inner_batches) -> (state, metrics)`` - only when ``warmup_steps > 0``.
+- ``warmup(state, inner_batches) -> (state, metrics)`` - only when ``warmup_steps > 0``;
+  ``warmup(state, inner_batches, steps=r)`` (``r`` inner steps) and an ``inner_steps``
+  attribute when a ``train_steps`` budget leaves a remainder.
+
+:class:`EarlyStopping` is a callback that tracks the best iterate by a held-out evaluation (or a
+metric) and stops the run when it stops improving; ``fit`` then returns the best state.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
 import weakref
 from collections.abc import Callable, Iterable
@@ -24,7 +31,7 @@ import numpy as np
 from bilevel._checkpoint import latest_step, restore_checkpoint, save_checkpoint
 from solvers import checks
 
-__all__ = ["fit"]
+__all__ = ["EarlyStopping", "fit"]
 
 PyTree = Any
 Callback = Callable[[int, PyTree, dict], Any]
@@ -43,8 +50,9 @@ def fit(
     inner_data: PyTree,
     outer_data: PyTree,
     *,
-    steps: int,
+    steps: int | None = None,
     batch_size: int,
+    train_steps: int | None = None,
     outer_batch_size: int | None = None,
     warmup_steps: int = 0,
     chunk: int = 10,
@@ -57,7 +65,16 @@ def fit(
     log_dir: str | os.PathLike | None = None,
     tensorboard: bool = False,
 ) -> tuple[PyTree, dict[str, np.ndarray]]:
-    """Run ``warmup_steps`` warm-up steps then ``steps`` steps of ``tuner``, recording metrics.
+    r"""Run ``warmup_steps`` warm-up steps then ``steps`` steps of ``tuner``, recording metrics.
+
+    A training budget instead of a number of tuning steps: ``train_steps=N`` (inner, i.e.
+    training, steps in all, warm-up included) runs
+
+    .. math:: n = \lfloor (N - w K) / K \rfloor \text{ tuning steps, then }
+       r = (N - w K) - n K \text{ training steps without a hypergradient step,}
+
+    with ``K = tuner.inner_steps`` and ``w = warmup_steps``, so ``K`` need not divide the budget
+    (15 epochs of 23 minibatches are 345 steps: 34 cycles of 10 and a tail of 5).
 
     Batches come from ``tuner.sample_batches``; ``chunk`` steps run per jitted call (a
     ``lax.scan`` of sample + step), compiled once per ``(batch_size, outer_batch_size, chunk)``
@@ -69,14 +86,16 @@ def fit(
       state: the tuner's state to start from (also the template of a resumed checkpoint).
       inner_data: the training set, a pytree of arrays with a leading example axis.
       outer_data: the validation set, likewise.
-      steps: tuning steps to run (``>= 0``).
+      steps: tuning steps to run (``>= 0``); give it or ``train_steps``.
       batch_size: examples per inner batch.
+      train_steps: the training budget in inner steps (see above); give it or ``steps``.
       outer_batch_size: examples per outer batch (default ``batch_size``).
       warmup_steps: ``tuner.warmup`` steps before tuning (not in the history).
       chunk: steps per jitted call; callbacks and checkpoints happen at chunk boundaries.
       callbacks: ``cb(step, state, metrics)`` (or a sequence of them) called after each tuning
         chunk, ``step`` the tuner's ``state.step`` and ``metrics`` the chunk's last step's metrics
-        (NumPy); returning ``True`` stops the run early.
+        (NumPy); returning ``True`` stops the run early. An :class:`EarlyStopping` callback with
+        ``restore_best=True`` makes ``fit`` return its best state instead of the last one.
       checkpoint_dir: folder for :func:`bilevel.save_checkpoint` checkpoints (labelled with
         ``state.step``) and the history so far (``history.npz``); ``None``: no checkpoints.
       checkpoint_every: also checkpoint every this many steps (at chunk boundaries); the final
@@ -98,7 +117,8 @@ def fit(
     Returns:
       ``(state, history)``: ``history`` maps ``"step"`` (``state.step`` after each step) and every
       metric, nested names joined with ``"/"`` (``"hparams/dropout"``), to NumPy arrays with one
-      row per tuning step.
+      row per tuning step. ``state`` is the last state, or the best one of an
+      :class:`EarlyStopping` callback with ``restore_best=True``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -119,7 +139,11 @@ def fit(
       >>> history["step"].tolist(), seen, sorted(k for k in history if k.startswith("hparams"))
       ([3, 4, 5, 6, 7, 8], [5, 8], ['hparams/wd'])
     """
-    steps = checks.integer("steps", steps, low=0)
+    if (steps is None) == (train_steps is None):
+        raise TypeError(
+            "fit needs exactly one of steps= (tuning steps) and train_steps= (a budget of "
+            f"training steps); got steps={steps!r}, train_steps={train_steps!r}"
+        )
     batch_size = checks.integer("batch_size", batch_size)
     outer_batch_size = checks.optional_integer("outer_batch_size", outer_batch_size)
     warmup_steps = checks.integer("warmup_steps", warmup_steps, low=0)
@@ -141,15 +165,25 @@ def fit(
         raise TypeError(f"tensorboard must be a bool, got {tensorboard!r}")
     if tensorboard and log_dir is None:
         raise ValueError("tensorboard=True needs a log_dir to write the event files into")
-    needs = ["sample_batches", "step"] + (["warmup"] if warmup_steps else [])
+    tail = 0
+    if train_steps is not None:
+        steps, tail = _budget(tuner, train_steps, warmup_steps)
+    steps = checks.integer("steps", steps, low=0)
+    needs = ["sample_batches", "step"] + (["warmup"] if warmup_steps or tail else [])
     missing = [m for m in needs if not callable(getattr(tuner, m, None))]
     if missing:
         raise TypeError(
             f"fit needs a tuner with {', '.join(needs)}; {type(tuner).__name__} lacks "
             f"{', '.join(missing)}"
         )
+    if tail and "steps" not in inspect.signature(tuner.warmup).parameters:
+        raise TypeError(
+            f"train_steps={train_steps} leaves {tail} training steps after the last full cycle, "
+            f"and {type(tuner).__name__}.warmup takes no steps= to run them: pass a budget that "
+            "inner_steps divides, or steps="
+        )
 
-    total = warmup_steps + steps
+    total = warmup_steps + steps + (1 if tail else 0)  # the tail is one unit of work
     done, saved, records = 0, None, []
     if checkpoint_dir is not None and not resume and latest_step(checkpoint_dir) is not None:
         raise ValueError(
@@ -173,10 +207,18 @@ def fit(
     run = _runner(tuner, batch_size, outer_batch_size, chunk)
     logger = _Logger(Path(log_dir), tensorboard, _concat(records)) if log_dir is not None else None
     bar = _progress_bar(total, done, desc or type(tuner).__name__, not progress)
+    tuned_end = warmup_steps + steps
     try:
         while done < total:
+            if done >= tuned_end:  # the remainder of a train_steps budget
+                state = _tail_runner(tuner, batch_size, outer_batch_size, tail)(
+                    state, inner_data, outer_data
+                )
+                done += 1
+                bar.update(1)
+                continue
             warm = done < warmup_steps
-            n = min(chunk, (warmup_steps if warm else total) - done)
+            n = min(chunk, (warmup_steps if warm else tuned_end) - done)
             state, out = run(state, inner_data, outer_data, n, warm)
             done += n
             stop = False
@@ -204,7 +246,136 @@ def fit(
             logger.close()
     if checkpoint_dir is not None and saved != done:
         _save(Path(checkpoint_dir), state, done, records)
+    for cb in callbacks:
+        if isinstance(cb, EarlyStopping) and cb.restore_best and cb.best_state is not None:
+            state = cb.best_state
     return state, _concat(records)
+
+
+class EarlyStopping:
+    r"""A :func:`fit` callback: keep the best iterate by a held-out score, stop when it stalls.
+
+    After every tuning chunk it scores the state, ``v_k = evaluate(state)`` (a loss: lower is
+    better), keeps the state of the lowest finite score, and asks ``fit`` to stop after
+    ``patience`` scores in a row that do not improve on the reference by more than
+    ``min_delta``; the reference ``r`` is the last score that did:
+
+    .. math:: v_k < r - \delta \ \Rightarrow\ r \leftarrow v_k,\ c \leftarrow 0;
+       \quad \text{otherwise } c \leftarrow c + 1; \qquad \text{stop when } c = p .
+
+    The score should come from data the hypergradients never see: a second held-out split
+    (the outer loss is the validation loss the hyperparameters are fitted to, so it keeps
+    falling while the hyperparameters overfit the validation set, e.g. hyper-cleaning's
+    per-example weights). The best state is held here, outside the jitted arrays (a state whose
+    score is not finite is never kept), and ``fit`` returns it when ``restore_best``.
+
+    Args:
+      evaluate: ``evaluate(state) -> scalar`` (jitted here once; e.g.
+        ``lambda s: heldout_loss(s.params)``), or the name of a metric of the chunk's last step
+        (``"outer_loss"``; nested names joined with ``"/"``).
+      patience: scores without improvement before stopping (``>= 1``).
+      min_delta: the improvement that counts (``>= 0``).
+      restore_best: ``fit`` returns the best state instead of the last one.
+
+    Attributes:
+      best_state, best_value, best_step: the best iterate, its score and its ``state.step``
+        (``None`` / ``inf`` / ``None`` before the first finite score).
+      steps, values: every scored step and its score (lists).
+      stopped_step: the step at which it stopped the run, or ``None``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, solvers, bilevel
+      >>> from bilevel._fit import EarlyStopping
+      >>> X = jax.random.normal(jax.random.key(0), (90, 3)); y = X @ jnp.ones(3)
+      >>> loss = lambda w, h, b: jnp.mean((b[0] @ w - b[1]) ** 2) + h["wd"] * w @ w
+      >>> opt = bilevel.BilevelOptimizer(loss, loss, inner_optimizer=optax.sgd(0.1),
+      ...     outer_optimizer=optax.adam(0.05), space={"wd": bilevel.hparams.log(0.1)},
+      ...     method=solvers.Implicit(), inner_steps=5)
+      >>> held_out = lambda s: jnp.mean((X[60:] @ s.params - y[60:]) ** 2)
+      >>> stop = EarlyStopping(held_out, patience=3)
+      >>> state, history = opt.fit(opt.init(jnp.zeros(3)), (X[:40], y[:40]), (X[40:60], y[40:60]),
+      ...     steps=40, batch_size=16, chunk=2, callbacks=stop, progress=False)
+      >>> int(state.step) == stop.best_step, len(stop.values) == len(history["step"]) // 2
+      (True, True)
+    """
+
+    def __init__(
+        self,
+        evaluate: Callable[[PyTree], Any] | str,
+        *,
+        patience: int = 5,
+        min_delta: float = 0.0,
+        restore_best: bool = True,
+    ):
+        if isinstance(evaluate, str):
+            self._metric, self._evaluate = evaluate, None
+        elif callable(evaluate):
+            self._metric, self._evaluate = None, jax.jit(evaluate)
+        else:
+            raise TypeError(
+                "evaluate must be a function state -> scalar (a held-out loss) or the name of a "
+                f"metric such as 'outer_loss', got {evaluate!r}"
+            )
+        self.patience = checks.integer("patience", patience)
+        self.min_delta = checks.number("min_delta", min_delta, low=0.0)
+        if not isinstance(restore_best, bool | np.bool_):
+            raise TypeError(f"restore_best must be a bool, got {restore_best!r}")
+        self.restore_best = bool(restore_best)
+        self.best_state: PyTree = None
+        self.best_value = math.inf
+        self.best_step: int | None = None
+        self.steps: list[int] = []
+        self.values: list[float] = []
+        self.stopped_step: int | None = None
+        self._reference, self._since = math.inf, 0
+
+    def score(self, state: PyTree, metrics: dict) -> float:
+        """The score of ``state`` (``metrics``: the chunk's last step's metrics)."""
+        if self._evaluate is not None:
+            return float(np.asarray(self._evaluate(state)))
+        value: Any = metrics
+        for part in self._metric.split(_SEP):
+            if not isinstance(value, dict) or part not in value:
+                raise KeyError(
+                    f"EarlyStopping: no metric {self._metric!r}; the metrics are "
+                    f"{sorted(_flatten(metrics))}"
+                )
+            value = value[part]
+        return float(np.asarray(value))
+
+    def __call__(self, step: int, state: PyTree, metrics: dict) -> bool:
+        value = self.score(state, metrics)
+        self.steps.append(int(step))
+        self.values.append(value)
+        finite = math.isfinite(value)
+        if finite and value < self.best_value:
+            self.best_value, self.best_step, self.best_state = value, int(step), state
+        if finite and value < self._reference - self.min_delta:
+            self._reference, self._since = value, 0
+        else:
+            self._since += 1
+        if self._since >= self.patience:
+            self.stopped_step = int(step)
+            return True
+        return False
+
+
+def _budget(tuner, train_steps, warmup_steps) -> tuple[int, int]:
+    """``(tuning steps, tail)`` of a ``train_steps`` budget (see :func:`fit`)."""
+    k = getattr(tuner, "inner_steps", None)
+    if not isinstance(k, int | np.integer) or k < 1:
+        raise TypeError(
+            f"train_steps needs a tuner with an integer inner_steps; {type(tuner).__name__} has "
+            f"{k!r}: pass steps= (tuning steps) instead"
+        )
+    train_steps = checks.integer("train_steps", train_steps, low=0)
+    left = train_steps - warmup_steps * k
+    if left < 0:
+        raise ValueError(
+            f"train_steps={train_steps} is less than the {warmup_steps} warm-up steps of "
+            f"inner_steps={k} training steps each ({warmup_steps * k})"
+        )
+    return left // k, left % k
 
 
 # ---------------------------------------------------------------------------------- internals
@@ -248,6 +419,26 @@ def _runner(tuner, batch_size, outer_batch_size, chunk):
             return jax.lax.scan(body, state, None, length=n)
 
         cache[key] = jax.jit(run, static_argnums=(3, 4))
+    return cache[key]
+
+
+def _tail_runner(tuner, batch_size, outer_batch_size, tail):
+    """The jitted remainder of a ``train_steps`` budget: ``tail`` training steps, no tuning."""
+    try:
+        cache = tuner.__dict__.setdefault("_fit_runners", {})
+    except (AttributeError, TypeError):
+        cache = _RUNNERS.setdefault(tuner, {})
+    key = ("tail", batch_size, outer_batch_size, tail)
+    if key not in cache:
+
+        def run(state, inner_data, outer_data):
+            inner, _ = tuner.sample_batches(
+                state, inner_data, outer_data, batch_size, outer_batch_size
+            )
+            inner = jax.tree.map(lambda a: a[:tail] if a.shape[0] > 1 else a, inner)
+            return tuner.warmup(state, inner, steps=tail)[0]
+
+        cache[key] = jax.jit(run)
     return cache[key]
 
 

@@ -314,6 +314,12 @@ PALETTE = {
     "nystrom": "#aec7e8",
     "borep": "#e377c2",
     "maid": "#393b79",
+    # hpo_benchmark: the gradient tuners with optax.adam as outer step, and the population
+    "implicit-adam": "#6baed6",
+    "soba-adam": "#9edae5",
+    "truncated-adam": "#74c476",
+    "forward-adam": "#c5b0d5",
+    "population": "#bcbd22",
 }
 _FALLBACK = ("#e377c2", "#bcbd22", "#17becf", "#8c564b", "#9467bd", "#aec7e8", "#ffbb78")
 

