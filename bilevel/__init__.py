@@ -16,7 +16,7 @@ from bilevel._bilevel import (
 )
 from bilevel._borep import BOREP, BOREPMemory
 from bilevel._checkpoint import latest_step, restore_checkpoint, save_checkpoint
-from bilevel._fit import fit
+from bilevel._fit import EarlyStopping, fit
 from bilevel._hd import (
     DEFAULT_HYPER_LR,
     HypergradientLRState,
@@ -26,7 +26,8 @@ from bilevel._hd import (
 )
 from bilevel._hyper_adapt import HyperAdaptState, hyper_adapt
 from bilevel._maid import MAID, MAIDEstimates, MAIDState
-from bilevel._outer import NormalizedMomentumState, normalized_momentum
+from bilevel._outer import GroupAdamState, NormalizedMomentumState, group_adam, normalized_momentum
+from bilevel._population import Population, PopulationState, RoundResult
 from bilevel._utils import minibatches, nnx_apply_fn
 
 __version__ = "0.1.0"
@@ -37,19 +38,25 @@ __all__ = [
     "DEFAULT_HYPER_LR",
     "BilevelOptimizer",
     "BilevelState",
+    "EarlyStopping",
     "Forward",
+    "GroupAdamState",
     "HypergradientInfo",
     "MAID",
     "MAIDEstimates",
     "MAIDState",
     "TrainingLoop",
     "fit",
+    "group_adam",
     "hypergradient",
     "implicit_hypergradient",
     "latest_step",
     "minibatches",
     "normalized_momentum",
     "NormalizedMomentumState",
+    "Population",
+    "PopulationState",
+    "RoundResult",
     "nnx_apply_fn",
     "restore_checkpoint",
     "save_checkpoint",

@@ -244,6 +244,21 @@ def pyplot():
 # ----------------------------------------------------------------------------- timing / metrics
 
 
+def optuna_study(sampler: str, seed: int, startup: int = 10):
+    """A quiet Optuna study that minimizes: ``sampler`` is ``"tpe"`` (TPE with ``startup`` random
+    trials first) or ``"random"``."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if sampler == "tpe":
+        chosen = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+    elif sampler == "random":
+        chosen = optuna.samplers.RandomSampler(seed=seed)
+    else:
+        raise ValueError(f"sampler must be 'tpe' or 'random', got {sampler!r}")
+    return optuna.create_study(direction="minimize", sampler=chosen)
+
+
 def timeit(
     fns: dict[str, Callable],
     repeats: int,
@@ -303,6 +318,7 @@ PALETTE = {
     "fixed": "#7f7f7f",
     "baseline": "#7f7f7f",
     "default": "#7f7f7f",
+    "no-decay": "#8c6d31",
     "oracle": "#000000",
     "adam": "#1f77b4",
     "hd-adam": "#d62728",

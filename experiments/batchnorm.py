@@ -15,11 +15,12 @@ statistics), the validation and test losses in eval mode (the running averages `
 with one decay ``lambda_l`` per layer kernel (``hparams.log``), all starting at ``--init-wd``
 (``1e-2``: a deliberately strong decay, the guess the tuner has to correct).
 
-Two runs per seed, on the same minibatches from the same initial weights, each
+Three runs per seed, on the same minibatches from the same initial weights, each
 ``outer_steps x inner_steps`` Adam steps: **tuned**, ``bilevel.BilevelOptimizer`` moving the
 decays by the implicit hypergradient (warm-started, damped CG on the last inner batch) after
-every ``inner_steps`` steps, on a validation minibatch; and **untuned**, the same training at the
-initial decays (``BilevelOptimizer.warmup``: the same inner steps, no hypergradient). Seeds change
+every ``inner_steps`` steps, on a validation minibatch; **untuned**, the same training at the
+initial decays (``BilevelOptimizer.warmup``: the same inner steps, no hypergradient); and **no
+decay**, the same training without weight decay (the usual default of a BatchNorm network). Seeds change
 the initial weights and the data order; the settings were chosen on seed 0 and the default run
 reports seeds 1-3 (fresh). Reported: the final validation and test cross-entropy (eval mode) and
 test accuracy of both runs per seed, the curves and the tuned schedules.
@@ -46,8 +47,14 @@ from experiments import _common
 
 NAME = "batchnorm"
 LAYERS = {"cnn": ("conv1", "conv2", "fc1", "fc2"), "mlp": ("fc1", "fc2", "fc3")}
-TUNED, UNTUNED = "implicit", "fixed"  # the palette's names of the two runs
-LABELS = {TUNED: "tuned online (implicit)", UNTUNED: "untuned (initial decays)"}
+TUNED, UNTUNED, NO_DECAY = "implicit", "fixed", "no-decay"  # the palette's names
+RUNS = (TUNED, UNTUNED, NO_DECAY)
+LABELS = {
+    TUNED: "tuned online (implicit)",
+    UNTUNED: "untuned (initial decays)",
+    NO_DECAY: "no weight decay",
+}
+ZERO = 1e-12  # "no decay": the log-scale space holds positive values
 
 
 class BatchNormCnn(nnx.Module):
@@ -178,11 +185,18 @@ def run_seed(prob: Problem, seed: int, compiled, bar) -> dict:
     tuned_fn, untuned_fn, evaluate = compiled
     args = prob.args
     _, params, stats = bilevel.nnx_apply_fn(prob.model(seed), with_state=True)
-    start = prob.opt.init(params, key=jax.random.key(seed), model_state=stats)
+    key = jax.random.key(seed)
+    start = prob.opt.init(params, key=key, model_state=stats)
+    zero = H.unconstrain(prob.opt.space, {"wd": jnp.full(len(prob.layers), ZERO)})
+    starts = {
+        TUNED: start,
+        UNTUNED: start,
+        NO_DECAY: prob.opt.init(params, zero, key=key, model_state=stats),
+    }
     chunks = args.outer_steps // args.chunk
     out = {"seed": seed}
-    for name in (TUNED, UNTUNED):
-        state = start
+    for name in RUNS:
+        state = starts[name]
         curve = [_point(0, evaluate(state))]
         schedule = [np.asarray(prob.opt.hparams(state)["wd"])]
         statuses = []
@@ -264,14 +278,14 @@ def main(argv=None):
     _common.phase("compiling the tuned and the untuned training and the evaluation", quiet=quiet)
     compiled = compile_runs(prob, probe)
 
-    total = 2 * args.seeds * args.outer_steps
+    total = len(RUNS) * args.seeds * args.outer_steps
     bar = _common.progress(total=total, desc=NAME, disable=quiet)
     results = [run_seed(prob, seed, compiled, bar) for seed in args.seeds_list]
     bar.close()
 
     rows = []
     for r in results:
-        for name in (TUNED, UNTUNED):
+        for name in RUNS:
             q = r[name]
             rows.append(
                 {
@@ -285,10 +299,14 @@ def main(argv=None):
                 }
             )
     epochs = prob.epochs(args.outer_steps)
-    wins = {k: sum(r[TUNED][k] < r[UNTUNED][k] for r in results) for k in ("val_loss", "test_loss")}
+    wins = {
+        (base, k): sum(r[TUNED][k] < r[base][k] for r in results)
+        for base in (UNTUNED, NO_DECAY)
+        for k in ("val_loss", "test_loss")
+    }
     mean = {
         (name, k): float(np.mean([r[name][k] for r in results]))
-        for name in (TUNED, UNTUNED)
+        for name in RUNS
         for k in ("val_loss", "test_loss", "test_acc")
     }
     model = (
@@ -298,7 +316,12 @@ def main(argv=None):
     )
     _common.save_json(
         out / f"{NAME}.json",
-        {"config": vars(args), "epochs": epochs, "results": results, "wins": wins},
+        {
+            "config": vars(args),
+            "epochs": epochs,
+            "results": results,
+            "wins": {f"tuned < {LABELS[b]}, {k}": v for (b, k), v in wins.items()},
+        },
     )
     _common.save_csv(out / f"{NAME}.csv", rows)
     plot(
@@ -313,11 +336,12 @@ def main(argv=None):
         ["seed", "run", "val_loss", "test_loss", "test_acc", *[f"wd_{k}" for k in prob.layers]],
         title=f"{model}, {epochs:g} epochs; losses: cross-entropy in eval mode (running averages)",
     )
-    print(
-        f"tuned below untuned: validation loss in {wins['val_loss']}/{args.seeds} seeds, test loss "
-        f"in {wins['test_loss']}/{args.seeds}; skipped hypergradient steps: "
-        f"{sum(r[TUNED]['skipped'] for r in results)}"
-    )
+    for base in (UNTUNED, NO_DECAY):
+        print(
+            f"tuned below {LABELS[base]}: validation loss in {wins[(base, 'val_loss')]}/"
+            f"{args.seeds} seeds, test loss in {wins[(base, 'test_loss')]}/{args.seeds}"
+        )
+    print(f"skipped hypergradient steps: {sum(r[TUNED]['skipped'] for r in results)}")
     _common.write_summary(
         out,
         NAME,
@@ -330,7 +354,7 @@ def main(argv=None):
 
 
 def summary_rows(mean, wins, args, model, epochs, n_layers) -> list[dict[str, str]]:
-    """Headline rows: tuned vs untuned, validation and test loss, means over the seeds."""
+    """Headline rows: tuned vs untuned and vs no decay, validation and test loss (seed means)."""
     seeds = f"{args.seeds} fresh seeds" if args.seeds > 1 else "1 seed"
     out = []
     for k, what in (("val_loss", "validation"), ("test_loss", "test")):
@@ -339,8 +363,10 @@ def summary_rows(mean, wins, args, model, epochs, n_layers) -> list[dict[str, st
                 "what": f"{NAME}: {model}, {n_layers} per-layer L2 tuned online (implicit, "
                 f"has_state=True), "
                 f"{epochs:g} epochs, {what} cross-entropy (eval mode), mean of {seeds}",
-                "result": f"{mean[(TUNED, k)]:.4g} tuned vs {mean[(UNTUNED, k)]:.4g} untuned; "
-                f"lower in {wins[k]}/{args.seeds} seeds",
+                "result": f"{mean[(TUNED, k)]:.4g} tuned vs {mean[(UNTUNED, k)]:.4g} untuned "
+                f"(lower in {wins[(UNTUNED, k)]}/{args.seeds} seeds) vs "
+                f"{mean[(NO_DECAY, k)]:.4g} without decay (lower in "
+                f"{wins[(NO_DECAY, k)]}/{args.seeds})",
                 "target": f"tuned < untuned in every seed ({args.seeds}/{args.seeds})",
             }
         )
@@ -352,7 +378,7 @@ def plot(results, prob, path, title):
     plt = _common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     seeds = len(results)
-    for name in (TUNED, UNTUNED):
+    for name in RUNS:
         for j, r in enumerate(results):
             c = r[name]["curve"]
             e = [p["epoch"] for p in c]

@@ -62,8 +62,6 @@ import optax
 import bilevel
 import solvers
 from bilevel import hparams as H
-from bilevel._outer import group_adam
-from bilevel._population import Population
 from experiments import _common
 
 SEARCHES = ("tpe", "random")
@@ -176,14 +174,14 @@ def hd_learning_rate(state):
     return optax.tree_utils.tree_get(state.inner_state, "learning_rate")
 
 
-def make_tuner(name: str, args, prob: Problem) -> tuple[Population, str]:
-    """The gradient tuner ``name`` as a :class:`bilevel._population.Population`."""
+def make_tuner(name: str, args, prob: Problem) -> tuple[bilevel.Population, str]:
+    """The gradient tuner ``name`` as a :class:`bilevel.Population`."""
     base, size = name, 1
     if name == "population":
         base, size = args.population_method, args.population_size
     outer_name = "adam" if base.endswith("-adam") else args.outer
     base = base.removesuffix("-adam")
-    outer = optax.adam(args.outer_lr) if outer_name == "adam" else group_adam(args.outer_lr)
+    outer = optax.adam(args.outer_lr) if outer_name == "adam" else bilevel.group_adam(args.outer_lr)
     space = {
         "wd": H.log(jnp.full(3, args.init_wd)),
         "drop": H.unit(jnp.full(3, args.init_dropout), 0.0, args.max_dropout),
@@ -212,7 +210,7 @@ def make_tuner(name: str, args, prob: Problem) -> tuple[Population, str]:
     opt = DropoutTuner(
         prob.inner_loss, prob.outer_loss, space=space, method=method, **common
     )  # fmt: skip
-    pop = Population(
+    pop = bilevel.Population(
         opt,
         size,
         init_params=prob.init_params,
@@ -259,13 +257,7 @@ def search_units(name, args, prob, trial_fn):
     """Optuna trials: one fixed-hyperparameter training run each."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = (
-        optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=args.tpe_startup)
-        if name == "tpe"
-        else optuna.samplers.RandomSampler(seed=args.seed)
-    )
-    study = optuna.create_study(direction="minimize", sampler=sampler)
+    study = _common.optuna_study(name, args.seed, args.tpe_startup)
     key = _common.stn_key(args.seed)
     while True:
         t0 = time.perf_counter()
@@ -286,7 +278,7 @@ def search_units(name, args, prob, trial_fn):
         yield time.perf_counter() - t0, [{"score": val_loss, "hparams": flat_hparams(h), "h": h}]
 
 
-def tuner_units(pop: Population, args, prob, seed: int):
+def tuner_units(pop: bilevel.Population, args, prob, seed: int):
     """Rounds of a gradient tuner: one training run per member, then a restart."""
     state, result = pop.init(_common.stn_key(seed)), None
     while True:
@@ -553,7 +545,9 @@ def main(argv=None):
     return results
 
 
-def replay(pop: Population, start_u, prob: Problem, args, keys) -> list[tuple[float, float]]:
+def replay(
+    pop: bilevel.Population, start_u, prob: Problem, args, keys
+) -> list[tuple[float, float]]:
     """The tuner re-run from ``start_u`` with new seeds (its weights, data, noise): final models'
     ``(val loss, test accuracy)``, one per key (``pop.size`` members per round)."""
     evaluate = prob.evaluate_members

@@ -310,9 +310,7 @@ def run_tpe(args, prob: Problem, retrain, equal_wall: float, bar) -> dict[str, A
     """TPE trials until ``population`` trials are done and the wall time reaches ``equal_wall``."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=args.tpe_startup)
-    study = optuna.create_study(direction="minimize", sampler=sampler)
+    study = _common.optuna_study("tpe", args.seed, args.tpe_startup)
     key = jax.random.key(args.seed)
     trials = []
     t0 = time.perf_counter()

@@ -30,7 +30,9 @@ EXPERIMENTS = (
     "hypergrad_accuracy",
     "bench_solvers",
     "hyper_cleaning",
+    "hpo_benchmark",
     "weight_decay",
+    "batchnorm",
     "stn_ridge",
     "stn_digits",
     "stn_mnist_cnn",
@@ -39,6 +41,7 @@ EXPERIMENTS = (
     "bench_bilevel_methods",
     "fedhyper",
     "pbt",
+    "imaml_sinusoid",
 )
 README = Path(__file__).resolve().parent.parent / "README.md"
 MARKERS = {

@@ -233,13 +233,7 @@ def make_trial_fn(prob: Problem):
 def run_search(name: str, args, prob: Problem, trial_fn, budget: float, bar) -> dict[str, Any]:
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = (
-        optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=args.tpe_startup)
-        if name == "tpe"
-        else optuna.samplers.RandomSampler(seed=args.seed)
-    )
-    study = optuna.create_study(direction="minimize", sampler=sampler)
+    study = _common.optuna_study(name, args.seed, args.tpe_startup)
     trials, curve = [], []
     best = None
     t0 = time.perf_counter()

@@ -104,7 +104,7 @@ def _group_adam_numpy(grads, lr, b1, b2, eps, max_step):
 
 
 def test_group_adam_matches_a_numpy_transcription():
-    from bilevel._outer import group_adam
+    from bilevel import group_adam
 
     rng = np.random.RandomState(0)
     grads = [{"wd": rng.randn(3), "lr": rng.randn(), "w": 30 * rng.randn(2, 2)} for _ in range(7)]
@@ -120,7 +120,7 @@ def test_group_adam_matches_a_numpy_transcription():
 def test_group_adam_separates_a_group_by_size_and_is_scale_free_across_groups():
     """Within a group the steps keep the hypergradients' ratios (Adam: all equal); a group with
     hypergradients 1e6 times smaller moves as far as the others."""
-    from bilevel._outer import group_adam
+    from bilevel import group_adam
 
     g = {"wd": jnp.array([1.0, 0.3, 0.1]), "drop": 1e-6 * jnp.array([1.0, 0.3, 0.1])}
     tx = group_adam(0.1, max_step=None)
@@ -135,7 +135,7 @@ def test_group_adam_separates_a_group_by_size_and_is_scale_free_across_groups():
 
 
 def test_group_adam_trust_region_and_zero_gradient():
-    from bilevel._outer import group_adam
+    from bilevel import group_adam
 
     big = jnp.zeros(100).at[0].set(1.0)  # one coordinate carries the group's norm: ratio 10
     u, _ = group_adam(0.1, b1=0.0, b2=0.0, max_step=3.0).update(big, group_adam().init(big))
@@ -158,7 +158,7 @@ def test_group_adam_trust_region_and_zero_gradient():
     ],
 )
 def test_group_adam_rejects_bad_settings(kwargs, match):
-    from bilevel._outer import group_adam
+    from bilevel import group_adam
 
     with pytest.raises(ValueError, match=match):
         group_adam(**kwargs)
@@ -167,7 +167,7 @@ def test_group_adam_rejects_bad_settings(kwargs, match):
 def test_group_adam_is_the_default_outer_optimizer_and_separates_per_layer_decays():
     """The quadratic problem above: the default outer step (group_adam) moves the two decays by
     different amounts, as normalized momentum does and Adam does not."""
-    from bilevel._outer import GroupAdamState
+    from bilevel import GroupAdamState
 
     rng = np.random.RandomState(1)
     X = jnp.asarray(rng.randn(64, 6), jnp.float32)

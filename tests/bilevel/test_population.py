@@ -10,9 +10,9 @@ import pytest
 
 import bilevel
 import solvers
+from bilevel import Population, RoundResult
 from bilevel import hparams as H
 from bilevel._fit import fit
-from bilevel._population import Population, RoundResult
 
 
 def _problem():

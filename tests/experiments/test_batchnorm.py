@@ -24,9 +24,13 @@ def test_batchnorm_smoke(tmp_path):
         assert all(w != pytest.approx(1e-2, rel=1e-3) for w in tuned["wd"])
         assert untuned["wd"] == pytest.approx([1e-2] * 3, rel=1e-6)
         assert len(tuned["schedule"]) == len(tuned["curve"]) == 3  # initial + 2 chunks
+        # The no-decay baseline: same start, decays at (numerically) zero, trained.
+        plain = r[batchnorm.NO_DECAY]
+        assert plain["curve"][0] == tuned["curve"][0]
+        assert max(plain["wd"]) < 1e-10 and plain["val_loss"] < plain["curve"][0]["val_loss"]
     data = json.loads((tmp_path / "batchnorm.json").read_text())
     assert set(data) == {"config", "epochs", "results", "wins"}
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["experiment"] == "batchnorm" and summary["smoke"] is True
     assert [r["what"].split(", ")[-1] for r in summary["rows"]] == ["mean of 2 fresh seeds"] * 2
-    assert all("tuned vs" in r["result"] and "untuned" in r["result"] for r in summary["rows"])
+    assert all("untuned" in r["result"] and "without decay" in r["result"] for r in summary["rows"])
