@@ -307,6 +307,7 @@ class TrainingLoop(solvers.InnerLoop):
         return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), bool)
 
     def params(self, carry):
+        """The parameters of ``carry``; remembers its model state for :meth:`model_state`."""
         self._state = carry.model_state
         return carry.params
 

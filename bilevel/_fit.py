@@ -124,7 +124,7 @@ def fit(
       >>> import jax, jax.numpy as jnp, optax
       >>> from flax import nnx
       >>> from bilevel import hparams, stn
-      >>> from bilevel._fit import fit
+      >>> from bilevel import fit
       >>> X = jax.random.normal(jax.random.key(0), (64, 3))
       >>> data = (X, X @ jnp.ones((3, 1)))
       >>> loss = lambda m, h, b: jnp.mean((m(b[0], h.hnet) - b[1]) ** 2)
@@ -285,14 +285,13 @@ class EarlyStopping:
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, solvers, bilevel
-      >>> from bilevel._fit import EarlyStopping
       >>> X = jax.random.normal(jax.random.key(0), (90, 3)); y = X @ jnp.ones(3)
       >>> loss = lambda w, h, b: jnp.mean((b[0] @ w - b[1]) ** 2) + h["wd"] * w @ w
       >>> opt = bilevel.BilevelOptimizer(loss, loss, inner_optimizer=optax.sgd(0.1),
       ...     outer_optimizer=optax.adam(0.05), space={"wd": bilevel.hparams.log(0.1)},
       ...     method=solvers.Implicit(), inner_steps=5)
       >>> held_out = lambda s: jnp.mean((X[60:] @ s.params - y[60:]) ** 2)
-      >>> stop = EarlyStopping(held_out, patience=3)
+      >>> stop = bilevel.EarlyStopping(held_out, patience=3)
       >>> state, history = opt.fit(opt.init(jnp.zeros(3)), (X[:40], y[:40]), (X[40:60], y[40:60]),
       ...     steps=40, batch_size=16, chunk=2, callbacks=stop, progress=False)
       >>> int(state.step) == stop.best_step, len(stop.values) == len(history["step"]) // 2

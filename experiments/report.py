@@ -38,6 +38,7 @@ EXPERIMENTS = (
     "stn_mnist_cnn",
     "bench_stn",
     "bench_bilevel",
+    "bench_population",
     "bench_bilevel_methods",
     "fedhyper",
     "pbt",
