@@ -852,16 +852,17 @@ class BilevelOptimizer:
         Returns:
           ``(inner_batches, outer_batch)`` shaped for :meth:`step`.
         """
-        from bilevel._utils import minibatches
+        from bilevel._utils import step_batches
 
-        key = jax.random.fold_in(state.key, 1)
-        inner = minibatches(inner_data, key, state.step, batch_size, self.inner_steps)
-        if outer_batch_size is None:
-            return inner, outer_data
-        outer = minibatches(
-            outer_data, jax.random.fold_in(state.key, 2), state.step, outer_batch_size, 1
+        return step_batches(
+            state.key,
+            state.step,
+            inner_data,
+            outer_data,
+            batch_size,
+            self.inner_steps,
+            outer_batch_size,
         )
-        return inner, jax.tree.map(lambda a: a[0], outer)
 
     def fit(
         self, state: BilevelState, inner_data: PyTree, outer_data: PyTree, **kwargs: Any

@@ -67,6 +67,29 @@ _MODES = {
 }
 
 
+def step_batches(
+    key: jax.Array,
+    step: jax.Array | int,
+    inner_data: PyTree,
+    outer_data: PyTree,
+    batch_size: int,
+    inner_steps: int,
+    outer_batch_size: int | None = None,
+) -> tuple[PyTree, PyTree]:
+    """A tuner's ``(inner_batches, outer_batch)`` for outer step ``step`` of a run keyed ``key``.
+
+    ``inner_steps`` inner batches from ``inner_data`` (stream ``fold_in(key, 1)``) and one outer
+    batch of ``outer_batch_size`` rows from ``outer_data`` (stream ``fold_in(key, 2)``; all of
+    ``outer_data`` when ``None``), drawn with :func:`minibatches`: a pure function of
+    ``(key, step)``, so a resumed run replays the same data order.
+    """
+    inner = minibatches(inner_data, jax.random.fold_in(key, 1), step, batch_size, inner_steps)
+    if outer_batch_size is None:
+        return inner, outer_data
+    outer = minibatches(outer_data, jax.random.fold_in(key, 2), step, outer_batch_size, 1)
+    return inner, jax.tree.map(lambda a: a[0], outer)
+
+
 def nnx_apply_fn(
     model: nnx.Module,
     wrt: Any = nnx.Param,
