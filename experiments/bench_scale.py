@@ -324,10 +324,35 @@ def compile_programs(prob: Problem, methods, options, bar) -> dict:
     return out
 
 
-def time_programs(programs: dict, names, repeats: int, bar) -> dict:
-    """:func:`_common.timeit` of each named compiled program on its arguments."""
-    fns = {k: (lambda c=programs[k][0], a=programs[k][1]: c(*a)) for k in names}
-    return _common.timeit(fns, repeats, bar=bar, warmup=0)
+def time_programs(programs: dict, names, repeats: int, bar, min_ms: float = 300.0) -> dict:
+    """:func:`_common.timeit` of each named compiled program on its arguments, in ms per call.
+
+    Each program runs ``calls`` times back to back in every round, ``calls`` chosen so that the
+    plain loop's share of a round lasts about ``min_ms`` (many calls of the fast programs of a
+    small model, one of a large one): the per-round ratios then average over enough calls to be
+    steady on a shared machine. The times are divided by ``calls``.
+    """
+    c, a = programs[PLAIN]
+    t0 = time.perf_counter()
+    jax.block_until_ready(c(*a))
+    calls = max(1, math.ceil(min_ms / (1e3 * (time.perf_counter() - t0))))
+
+    def repeated(c, a):
+        def run():
+            for _ in range(calls):
+                out = jax.block_until_ready(c(*a))
+            return out
+
+        return run
+
+    fns = {k: repeated(*programs[k]) for k in names}
+    times = _common.timeit(fns, repeats, bar=bar, warmup=0)
+    for t in times.values():
+        for key in ("median_ms", "min_ms", "max_ms"):
+            t[key] /= calls
+        t["times_ms"] = [v / calls for v in t["times_ms"]]
+        t["calls"] = calls
+    return times
 
 
 def measure(prob: Problem, methods, args, options, bar) -> list[dict]:
@@ -357,6 +382,7 @@ def measure(prob: Problem, methods, args, options, bar) -> list[dict]:
                 "linear_iterations": int(metrics.get("linear_iterations", 0)),
                 "status": solvers.Status(int(metrics["status"])).name if metrics else "-",
                 "skipped": int(metrics.get("skipped", 0)),
+                "calls_per_round": times[name]["calls"],
                 "times_ms": times[name]["times_ms"],
             }
         )
