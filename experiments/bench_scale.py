@@ -367,6 +367,10 @@ def measure(prob: Problem, methods, args, options, bar) -> list[dict]:
     rows = []
     for name in [PLAIN, INNER, *methods]:
         mem = memory(programs[name][0])
+        # What persists between steps: parameters, optimizer and model state (plain); the whole
+        # BilevelState (adds hyperparameters, outer state, the adjoint or the tangents).
+        state = programs[name][1][:3] if name == PLAIN else programs[name][1][0]
+        state_bytes = sum(a.nbytes for a in jax.tree.leaves(state) if hasattr(a, "nbytes"))
         metrics = programs.get(name + "/metrics", {})
         rows.append(
             {
@@ -378,7 +382,8 @@ def measure(prob: Problem, methods, args, options, bar) -> list[dict]:
                 "time_ratio": _common.paired_ratio(times, name, PLAIN),
                 "temp_bytes": mem["temp_bytes"],
                 "mem_ratio": mem["temp_bytes"] / max(plain_mem["temp_bytes"], 1),
-                "state_bytes": mem["arg_bytes"],
+                "state_bytes": state_bytes,
+                "arg_bytes": mem["arg_bytes"],
                 "grad_ms": grad_ms,
                 "hvp_ms": hvp_ms,
                 "linear_iterations": int(metrics.get("linear_iterations", 0)),
