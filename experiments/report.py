@@ -39,6 +39,7 @@ EXPERIMENTS = (
     "bench_stn",
     "bench_bilevel",
     "bench_population",
+    "bench_scale",
     "bench_bilevel_methods",
     "fedhyper",
     "pbt",
