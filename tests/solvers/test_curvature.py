@@ -345,3 +345,36 @@ def test_gauss_newton_with_batchnorm_state():
         return_info=True,
     )
     assert bool(jnp.isfinite(g)) and int(info.status) == solvers.Status.SUCCESS
+
+
+def test_the_docs_example_runs_as_written():
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    page = (root / "docs" / "curvature.md").read_text()
+    section = re.search(
+        r"<!-- --8<-- \[start:ggn\] -->\n```python\n(.*?)```\n<!-- --8<-- \[end:ggn\] -->",
+        page,
+        re.S,
+    )
+    assert section, "docs/curvature.md lost its Gauss-Newton example"
+    code = section.group(1)
+    assert len(code.splitlines()) <= 30
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status, wd = re.fullmatch(r"(\w+) wd = (\S+)\n", proc.stdout).groups()
+    assert status == "SUCCESS" and float(wd) != pytest.approx(0.01, rel=1e-3)
+    printed = re.search(r"It prints\n\n```text\n(.*?)```", page, re.S)
+    assert printed, "docs/curvature.md lost the example's output"
+    assert printed.group(1).split()[0] == status
+    np.testing.assert_allclose(float(printed.group(1).split()[-1]), float(wd), rtol=0.05)
