@@ -316,7 +316,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.n_train, args.n_val, args.cg_maxiter = "20", 64, 64, 200
-        args.models, args.methods = "mlp", "hessian-ridge=1,hessian-auto,gauss-newton"
+        args.models, args.methods = "mlp", "hessian-auto,gauss-newton"
     args.models_list = _common.parse_choices(parser, args.models, MODELS, "model")
     methods = _common.parse_choices(parser, args.methods, list(METHODS), "method")
     args.steps_list = sorted({int(t) for t in args.steps.split(",") if t})
