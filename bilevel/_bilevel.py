@@ -329,6 +329,13 @@ class TrainingLoop(solvers.InnerLoop):
         loss = self.objective(self.constrain(u), self.last_input(), self.model_state())
         return jax.grad(lambda p: loss(p)[0])(params)
 
+    def curvature_args(self, u):
+        """``(h, batch)`` (``(h, batch, model_state)`` with state) of the implicit system."""
+        args = (self.constrain(u), self.last_input())
+        if self.has_state:
+            args = (*args, jax.lax.stop_gradient(self.model_state()))
+        return args
+
 
 def _merge(h: PyTree, fixed: PyTree) -> PyTree:
     """The tuned values ``h`` and the fixed ones in one dict (``fixed`` never differentiated)."""

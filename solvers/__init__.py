@@ -38,6 +38,7 @@ __all__ = [
 
 from solvers import checks, tree
 from solvers._argmin import ArgminInfo, argmin
+from solvers._curvature import GaussNewton, gauss_newton
 from solvers._implicit import (
     ImplicitSolveWarning,
     custom_fixed_point,
@@ -47,6 +48,7 @@ from solvers._implicit import (
 )
 from solvers._methods import (
     AbstractMethod,
+    DampedAdjoint,
     Forward,
     Hypergradient,
     Implicit,
@@ -59,6 +61,9 @@ from solvers._status import GuardResult, Status, error_if_failed, guard, status_
 
 __all__ += [
     "AbstractMethod",
+    "DampedAdjoint",
+    "GaussNewton",
+    "gauss_newton",
     "ArgminInfo",
     "Forward",
     "Hypergradient",

@@ -40,11 +40,15 @@ class SolveStats(NamedTuple):
       residual: relative residual ``||b - A x|| / ||b||`` of the (damped) system, as tracked by the
         iteration (``||b - A x||`` itself when ``b = 0``).
       converged: ``residual <= tol`` and everything finite.
+      ridge: the damping ``lambda`` of the system solved, ``(A + lambda I) x = b``: the
+        configured (or call-time) ``ridge``, or with ``ridge="auto"`` the damping the solve
+        ended with (see :class:`CG`).
     """
 
     iterations: jax.Array
     residual: jax.Array
     converged: jax.Array
+    ridge: jax.Array | float = 0.0
 
 
 MAXITER_CAP = 1000
@@ -76,15 +80,31 @@ def _is_tracer(x: Any) -> bool:
 class LinearSolver:
     """Base class: validates inputs, applies Tikhonov damping, computes the relative residual.
 
-    Subclasses implement ``_solve(matvec, b, x0, bnorm) -> (x, iterations, residual_norm)``.
+    Subclasses implement ``_solve(matvec, b, x0, bnorm) -> (x, iterations, residual_norm)``;
+    those that support automatic damping (``ridge="auto"``: :class:`CG`) also
+    ``_solve_auto(matvec, b, x0, bnorm, ridge) -> (x, iterations, residual_norm, ridge)``.
     """
 
-    ridge: float = 0.0
+    ridge: float | str = 0.0
     # The operator is assumed symmetric (CG, Neumann): reverse mode reuses the forward solve.
     _symmetric: ClassVar[bool] = False
+    _auto_ridge: ClassVar[bool] = False  # implements ridge="auto"
 
     def __post_init__(self):
+        if isinstance(self.ridge, str):
+            if self.ridge != "auto" or not self._auto_ridge:
+                supported = " or 'auto'" if self._auto_ridge else " (ridge='auto' needs solvers.cg)"
+                raise ValueError(
+                    f"{type(self).__name__}: ridge must be a number >= 0{supported}, got "
+                    f"{self.ridge!r}"
+                )
+            return
         _set(self, "ridge", checks.number("ridge", self.ridge, low=0.0))
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the damping is chosen by the solve (``ridge="auto"``)."""
+        return isinstance(self.ridge, str)
 
     @property
     def _tol(self) -> float:
@@ -108,20 +128,23 @@ class LinearSolver:
             warm start never makes a solve worse than a cold one. It gets no derivative.
           ridge: damping for this call, overriding the configured ``ridge``; may be a traced JAX
             scalar (a hyperparameter inside ``jit``/``grad``), in which case it is not validated
-            and ``x`` is differentiable with respect to it.
+            and ``x`` is differentiable with respect to it. With ``ridge="auto"`` it is the
+            damping the solve *starts* from (default 0), e.g. the one a previous solve ended
+            with (``stats.ridge``).
 
         Returns:
           ``(x, stats)``: the solution pytree and a :class:`SolveStats`. ``x`` is differentiable
           (``jax.grad``/``jax.jvp``, through ``lax.custom_linear_solve``); ``stats`` is not.
         """
         b, init, ridge = self._prepare(matvec, b, init, ridge)
-        mv = _damped(_cast_like(matvec, b), ridge)
+        # With ridge="auto" the operator stays undamped: the solve adds its own damping.
+        mv = _cast_like(matvec, b) if self.adaptive else _damped(_cast_like(matvec, b), ridge)
 
         def solve(op, rhs):
-            return self._run(op, rhs, init)
+            return self._run(op, rhs, init, ridge)
 
         def transpose_solve(op, rhs):  # the warm start belongs to the forward system only
-            return self._run(op, rhs, None)
+            return self._run(op, rhs, None, ridge)
 
         try:
             x, stats = lax.custom_linear_solve(
@@ -150,27 +173,39 @@ class LinearSolver:
             T.check_same_structure(b, init, "init must have the structure of b")
             init = jax.tree.map(lambda i, r: jnp.asarray(i, r.dtype), init, b)
         if ridge is None:
-            ridge = self.ridge
+            ridge = 0.0 if self.adaptive else self.ridge
         elif not _is_tracer(ridge):
             ridge = checks.number("ridge", ridge, low=0.0)
         return b, init, ridge
 
-    def _run(self, matvec, b, init):
-        """The solve itself on an already damped, validated system (not differentiable)."""
+    def _run(self, matvec, b, init, ridge=0.0):
+        """The solve itself on a validated system (not differentiable).
+
+        ``matvec`` is already damped by ``ridge``, except with ``ridge="auto"``, where it is the
+        undamped operator and ``ridge`` the damping to start from.
+        """
         bnorm = T.tree_norm(b)
-        x, iterations, rnorm = self._solve(matvec, b, init, bnorm)
+        if self.adaptive:
+            x, iterations, rnorm, ridge = self._solve_auto(matvec, b, init, bnorm, ridge)
+        else:
+            x, iterations, rnorm = self._solve(matvec, b, init, bnorm)
         residual = jnp.where(bnorm > 0, rnorm / jnp.where(bnorm > 0, bnorm, 1), rnorm)
         # A non-finite b (or x) must never look like a finite answer.
         residual = jnp.where(jnp.isfinite(bnorm) & T.tree_all_finite(x), residual, jnp.nan)
         converged = jnp.isfinite(residual) & (residual <= self._tol)
-        stats = SolveStats(jnp.asarray(iterations, jnp.int32), residual, converged)
+        ridge = jnp.asarray(ridge, residual.dtype)
+        stats = SolveStats(jnp.asarray(iterations, jnp.int32), residual, converged, ridge)
         return x, stats
 
-    def _solve_with_stats(self, matvec, b, init=None):
+    def _solve_with_stats(self, matvec, b, init=None, ridge=None):
         """Undifferentiated solve of ``(A + ridge I) x = b`` for callers that differentiate
         through their own ``lax.custom_linear_solve`` (the implicit rules)."""
-        b, init, ridge = self._prepare(matvec, b, init, None)
-        return self._run(_damped(_cast_like(matvec, b), ridge), b, init)
+        b, init, ridge = self._prepare(matvec, b, init, ridge)
+        mv = _cast_like(matvec, b)
+        return self._run(mv if self.adaptive else _damped(mv, ridge), b, init, ridge)
+
+    def _solve_auto(self, matvec, b, x0, bnorm, ridge):  # pragma: no cover - CG overrides
+        raise NotImplementedError
 
     def _solve(self, matvec, b, x0, bnorm):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -228,20 +263,103 @@ class CG(_ShortRecurrence):
     Add ``ridge`` damping to make indefinite systems solvable. A non-finite ``p^T A p`` (NaN in
     ``A v``) stops it with a NaN residual.
 
+    **Automatic damping** (``ridge="auto"``, Levenberg-Marquardt style): the solve starts from
+    a damping :math:`\lambda_0` (0, or the call-time ``ridge=``) and runs CG on
+    :math:`(A + \lambda I) x = b`, watching the curvature it meets. When a direction has
+    non-positive or small damped curvature,
+    :math:`p^\top A p + \lambda\, p^\top p \le \epsilon\,\kappa_{\max}\, p^\top p` (the system
+    is not positive definite, or so badly conditioned that this direction would dominate the
+    solution), the damping grows to
+
+    .. math:: \lambda \leftarrow \max\Big(\gamma\lambda,\;
+       -\gamma\,\frac{p^\top A p}{p^\top p},\; \epsilon\,\kappa_{\max},\; \lambda_{\min}\Big)
+
+    (``gamma = 2``; the Rayleigh quotient :math:`-p^\top A p / p^\top p` is a lower bound on
+    the most negative eigenvalue's size; :math:`\kappa_{\max}` the largest
+    :math:`|p^\top A p| / p^\top p` seen so far, ``eps = 1e-3``, so that the damped system keeps
+    a condition number of about ``1 / eps`` on the directions CG explores;
+    :math:`\lambda_{\min}` the dtype's smallest normal number) and CG restarts from zero. The iterations of every attempt
+    count against ``maxiter``. On a positive-definite system no direction fails, the damping
+    stays at :math:`\lambda_0` and with :math:`\lambda_0 = 0` the answer is the undamped
+    one (for a condition number below about ``1 / eps``). ``stats.ridge`` is the damping of the system finally solved (``stats.residual`` is its
+    residual); ``solvers.Implicit`` carries it to the next outer step and shrinks it there
+    after a solve that needed no increase, so the damping tracks the curvature over training.
+    The loop is one ``lax.while_loop``: jit-able, vmap-able (each batch member its own
+    damping), no retracing as the damping changes. Derivatives of ``x`` solve their system
+    with the same rule.
+
     Args:
       maxiter: maximum number of iterations; ``None`` means ``min(10 n, 1000)`` for ``n``
         unknowns (``n`` is exact only in exact arithmetic).
       tol: relative residual tolerance.
-      ridge: Tikhonov damping; solves ``(A + ridge I) x = b``.
+      ridge: Tikhonov damping; solves ``(A + ridge I) x = b``. ``"auto"``: the damping is
+        chosen by the solve (above).
 
     Example:
       >>> import jax.numpy as jnp, solvers
       >>> x, stats = solvers.cg(tol=1e-6)(lambda v: jnp.array([2.0, 4.0]) * v, jnp.ones(2))
       >>> x.round(3), bool(stats.converged)
       (Array([0.5 , 0.25], dtype=float32), True)
+      >>> A = jnp.array([-1.0, 4.0])                      # indefinite: plain CG cannot solve it
+      >>> x, stats = solvers.cg(ridge="auto")(lambda v: A * v, jnp.ones(2))
+      >>> bool(stats.converged), float(stats.ridge) > 1.0
+      (True, True)
     """
 
     _symmetric: ClassVar[bool] = True
+    _auto_ridge: ClassVar[bool] = True
+    _GROW: ClassVar[float] = 2.0
+    _FLOOR: ClassVar[float] = 1e-3
+
+    def _solve_auto(self, matvec, b, x0, bnorm, ridge):
+        maxiter = self._maxiter(b)
+        dtype = T.result_dtype(b)
+        lam0 = jnp.asarray(ridge, dtype)
+        damped = lambda v, lam: T.tree_add_scaled(matvec(v), lam, v)
+        x0, r0 = _initial_residual(lambda v: damped(v, lam0), b, x0, bnorm)
+        zeros = T.tree_zeros_like(b)
+        rs0 = T.tree_vdot(r0, r0)
+        bb = T.tree_vdot(b, b)
+        atol2 = (self.tol * bnorm) ** 2
+        grow, floor = self._GROW, self._FLOOR
+        tiny = jnp.finfo(dtype).tiny
+
+        def cond(c):
+            _, _, _, rs, k, _, _ = c
+            return (k < maxiter) & (rs > atol2) & jnp.isfinite(rs)
+
+        def body(c):
+            x, r, p, rs, k, lam, kmax = c
+            ap = matvec(p)
+            pp = T.tree_vdot(p, p)
+            pap = T.tree_vdot(p, ap)  # curvature of the undamped operator
+            quotient = pap / jnp.where(pp > 0, pp, 1)
+            kmax = jnp.maximum(kmax, jnp.where(jnp.isfinite(quotient), jnp.abs(quotient), 0))
+            damped_pap = pap + lam * pp
+            # Curvature below eps * kappa_max (non-positive, or a near-singular direction that
+            # would blow the solution up) calls for more damping.
+            curved = damped_pap > floor * kmax * pp
+            # A CG step on the damped system ...
+            alpha = jnp.where(curved, rs / jnp.where(curved, damped_pap, 1), 0)
+            x_cg = T.tree_add_scaled(x, alpha, p)
+            r_cg = T.tree_add_scaled(r, -alpha, T.tree_add_scaled(ap, lam, p))
+            rs_cg = T.tree_vdot(r_cg, r_cg)
+            p_cg = T.tree_add_scaled(r_cg, rs_cg / rs, p)
+            # ... or, at non-positive damped curvature, more damping and a restart from zero.
+            lam_up = jnp.maximum(
+                jnp.maximum(grow * lam, -grow * quotient), jnp.maximum(floor * kmax, tiny)
+            )
+            x = T.tree_select(curved, x_cg, zeros)
+            r = T.tree_select(curved, r_cg, b)
+            p = T.tree_select(curved, p_cg, b)
+            # NaN curvature (NaN in A p) must surface as a NaN residual.
+            rs = jnp.where(curved, rs_cg, jnp.where(jnp.isnan(pap), pap, bb))
+            lam = jnp.where(curved | jnp.isnan(pap), lam, lam_up)
+            return x, r, p, rs, k + 1, lam, kmax
+
+        init = (x0, r0, r0, rs0, jnp.asarray(0, jnp.int32), lam0, jnp.zeros((), dtype))
+        x, _, _, rs, k, lam, _ = lax.while_loop(cond, body, init)
+        return x, k, jnp.sqrt(rs), lam
 
     def _solve(self, matvec, b, x0, bnorm):
         maxiter = self._maxiter(b)

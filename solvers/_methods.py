@@ -37,7 +37,8 @@ from jax.interpreters import ad, batching, mlir
 
 from solvers import checks
 from solvers import tree as T
-from solvers._implicit import implicit_solution, root_vjp
+from solvers._curvature import GaussNewton
+from solvers._implicit import implicit_solution
 from solvers._linear import CG, LinearSolver
 from solvers._status import Status
 
@@ -45,6 +46,7 @@ PyTree = Any
 
 __all__ = [
     "AbstractMethod",
+    "DampedAdjoint",
     "Forward",
     "Hypergradient",
     "Implicit",
@@ -88,6 +90,16 @@ class InnerLoop(abc.ABC):
     def optimality(self, params: PyTree, theta: PyTree) -> PyTree:
         """``F(w, theta)``, zero at the inner solution (the inner gradient); implicit methods."""
         raise NotImplementedError(f"{type(self).__name__} defines no optimality condition")
+
+    def curvature_args(self, theta: PyTree) -> tuple:
+        """The arguments after ``params`` of the inner loss's pieces at the implicit system
+        (``(h, batch)`` for a ``bilevel`` training loop), for ``Implicit(curvature=...)``."""
+        del theta
+        raise NotImplementedError(
+            f"{type(self).__name__} does not expose the arguments of its inner loss, so "
+            "Implicit(curvature=solvers.GaussNewton(...)) cannot evaluate the model there: use "
+            "bilevel.BilevelOptimizer / bilevel.hypergradient, or Implicit() (the Hessian)"
+        )
 
     def restart(self, carry: PyTree, theta: PyTree, start: int) -> PyTree:
         """Re-attach ``theta`` to a carry computed without derivatives, before step ``start``."""
@@ -368,11 +380,22 @@ class Implicit(AbstractMethod):
     with ``F`` the inner gradient (online: on the last inner batch). The inner steps are never
     differentiated (memory independent of their number); forward and reverse mode.
 
+    The matrix of the system is the inner Hessian :math:`H` by default, or with ``curvature``
+    the generalized Gauss-Newton matrix :math:`G = J^\top H_\ell J + \nabla^2 r`
+    (:class:`solvers.GaussNewton`), positive semidefinite by construction; the right-hand side
+    and the mixed term are unchanged. With ``linear_solver=solvers.cg(ridge="auto")`` the solve
+    damps itself (Levenberg-Marquardt, see :class:`solvers.CG`) and the method carries the
+    damping :math:`\lambda` across outer steps in its memory (a :class:`DampedAdjoint`): the next
+    solve starts from :math:`\lambda` if this one had to raise it, from :math:`\lambda / 2`
+    otherwise, so the damping shrinks towards 0 while the curvature stays positive.
+
     Args:
       linear_solver: solver for the Hessian system (default ``solvers.cg()``).
       warm_start: online tuners start each solve from the previous adjoint ``v`` (their method
         memory). A one-shot call (``argmin``, ``bilevel.hypergradient``) has no previous solve,
         so there it has no effect.
+      curvature: ``None`` (the Hessian) or a :class:`solvers.GaussNewton` built from the model
+        and the output loss of the inner loss.
 
     Example:
       >>> import jax.numpy as jnp, optax, solvers
@@ -388,6 +411,7 @@ class Implicit(AbstractMethod):
 
     linear_solver: LinearSolver = dataclasses.field(default_factory=CG)
     warm_start: bool = True
+    curvature: GaussNewton | None = None
 
     differentiates_steps: ClassVar[bool] = False
 
@@ -399,27 +423,81 @@ class Implicit(AbstractMethod):
             )
         if not isinstance(self.warm_start, bool):
             raise TypeError(f"warm_start must be a bool, got {self.warm_start!r}")
+        if self.curvature is not None and not isinstance(self.curvature, GaussNewton):
+            raise TypeError(
+                "curvature must be None (the Hessian) or solvers.GaussNewton(model_fn, "
+                f"output_loss, regularizer), got {self.curvature!r}"
+            )
 
     def init(self, loop, carry, theta):
         del theta
-        return T.tree_zeros_like(loop.params(carry)) if self.warm_start else ()
+        params = loop.params(carry)
+        adjoint = T.tree_zeros_like(params) if self.warm_start else ()
+        if self.linear_solver.adaptive:
+            return DampedAdjoint(adjoint, jnp.zeros((), T.result_dtype(params)))
+        return adjoint
 
     def solve(self, loop, carry, theta):
         carry, outs = loop.run(
             carry, lax.stop_gradient(theta), 0, loop.num_steps, differentiable=False
         )
         carry = lax.stop_gradient(carry)
+        optimality = loop.optimality
+        if self.curvature is not None:
+            optimality = _with_curvature(loop, self.curvature, loop.params(carry))
         params = implicit_solution(
-            loop.optimality, loop.params(carry), (theta,), self.linear_solver, symmetric=True
+            optimality, loop.params(carry), (theta,), self.linear_solver, symmetric=True
         )
         return loop.replace_params(carry, params), outs
 
     def hypergradient(self, loop, carry, theta, outer, memory=None):
         frozen = lax.stop_gradient(theta)
         carry, outs = loop.run(carry, frozen, 0, loop.num_steps, differentiable=False)
+        ridge = None
+        if self.linear_solver.adaptive:
+            if not _has_memory(memory):
+                memory = self.init(loop, carry, theta)
+            memory, ridge = memory
         init = memory if (self.warm_start and _has_memory(memory)) else None
-        hg = implicit_at(loop, carry, outs, theta, outer, self.linear_solver, init)
-        return hg if self.warm_start else hg._replace(memory=())
+        hg = implicit_at(
+            loop, carry, outs, theta, outer, self.linear_solver, init,
+            curvature=self.curvature, ridge=ridge,
+        )  # fmt: skip
+        if self.warm_start:
+            return hg
+        if ridge is not None:
+            return hg._replace(memory=DampedAdjoint((), hg.memory.ridge))
+        return hg._replace(memory=())
+
+
+class DampedAdjoint(NamedTuple):
+    """Memory of :class:`Implicit` with ``solvers.cg(ridge="auto")``.
+
+    Attributes:
+      adjoint: the previous adjoint ``v`` (warm start; ``()`` without ``warm_start``).
+      ridge: the damping the next solve starts from.
+    """
+
+    adjoint: PyTree
+    ridge: jax.Array
+
+
+def _with_curvature(loop: InnerLoop, curvature: GaussNewton, root: PyTree) -> Callable:
+    r"""An optimality function with the derivatives ``G`` (in ``w``) and ``d_theta F`` at ``root``.
+
+    .. math:: \tilde F(w, \theta) = F(w^*, \theta) + G(w^*, \theta)\,(w - w^*)
+
+    At :math:`w = w^*` its value is ``F``'s, its Jacobian in ``w`` is ``G`` and in ``theta`` it
+    is ``F``'s (the second term is linear in :math:`w - w^* = 0`).
+    """
+    root = lax.stop_gradient(root)
+
+    def optimality(params, theta):
+        frozen = lax.stop_gradient(theta)
+        mv = curvature.matvec(root, *loop.curvature_args(frozen))
+        return jax.tree.map(jnp.add, loop.optimality(root, theta), mv(T.tree_sub(params, root)))
+
+    return optimality
 
 
 def implicit_at(
@@ -430,30 +508,48 @@ def implicit_at(
     outer: Callable,
     linear_solver: LinearSolver,
     init: PyTree | None,
+    *,
+    curvature: GaussNewton | None = None,
+    ridge: jax.Array | None = None,
 ) -> Hypergradient:
     r"""The implicit hypergradient at the parameters of ``carry`` (the loop already ran).
 
-    .. math:: H v = \nabla_w L_V \ (\text{from } v_0 = \text{init}), \qquad
+    .. math:: A v = \nabla_w L_V \ (\text{from } v_0 = \text{init}), \qquad
        g = \nabla_\theta L_V - (\partial_\theta F)^\top v
 
-    Returns a :class:`Hypergradient` whose ``memory`` is the adjoint ``v``; the status says
-    whether the solve reached its tolerance. Shared by :class:`Implicit` and the methods built on
-    it (e.g. ``bilevel.BOREP``).
+    with :math:`A = \partial_w F` (the Hessian), or the Gauss-Newton matrix of ``curvature``.
+    Returns a :class:`Hypergradient` whose ``memory`` is the adjoint ``v`` (with ``ridge``, the
+    starting damping of an automatically damped solve: a :class:`DampedAdjoint` carrying the next
+    one); the status says whether the solve reached its tolerance. Shared by :class:`Implicit`
+    and the methods built on it (e.g. ``bilevel.BOREP``).
     """
     params = loop.params(carry)
     (value, aux), (g_w, g_theta) = jax.value_and_grad(outer, argnums=(0, 1), has_aux=True)(
         params, theta
     )
-    (mixed,), v, stats = root_vjp(loop.optimality, params, (theta,), g_w, linear_solver, init=init)
+    T.check_same_structure(params, g_w, "the outer gradient must be shaped like params")
+    if curvature is None:
+        _, vjp_params = jax.vjp(lambda p: loop.optimality(p, theta), params)
+        matvec = lambda u: vjp_params(u)[0]
+    else:
+        matvec = curvature.matvec(params, *loop.curvature_args(lax.stop_gradient(theta)))
+    v, stats = linear_solver(matvec, g_w, init=init, ridge=ridge)
+    _, vjp_theta = jax.vjp(lambda th: loop.optimality(params, th), theta)
+    (mixed,) = vjp_theta(T.tree_neg(v))
     g = jax.tree.map(jnp.add, g_theta, mixed)
     status = jnp.where(stats.converged, Status.SUCCESS, Status.LINEAR_SOLVE_FAILED)
+    memory = v
+    if ridge is not None:
+        # Levenberg-Marquardt: keep a damping the solve had to raise, halve one it did not.
+        start = jnp.asarray(ridge, stats.ridge.dtype)
+        memory = DampedAdjoint(v, jnp.where(stats.ridge > start, stats.ridge, 0.5 * start))
     return _finish(
         carry,
         outs,
         value,
         aux,
         g,
-        v,
+        memory,
         stats.iterations,
         stats.residual,
         status,
