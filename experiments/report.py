@@ -28,6 +28,7 @@ EXPERIMENTS = (
     "hd_optimizers",
     "bench_optax",
     "hypergrad_accuracy",
+    "curvature",
     "bench_solvers",
     "hyper_cleaning",
     "hpo_benchmark",

@@ -64,6 +64,10 @@ class _ArgminLoop(InnerLoop):
     def __init__(self, fun, optimizer, steps, tol):
         self.fun, self.opt, self.num_steps, self.tol = fun, optimizer, steps, tol
 
+    def curvature_args(self, theta):
+        """``fun``'s arguments after ``params``: a ``GaussNewton``'s pieces take the same."""
+        return tuple(theta)
+
     def evaluate(self, params, opt_state, steps, status, forced, args):
         value, grad = jax.value_and_grad(self.fun)(params, *args)
         return _Carry(params, opt_state, value, grad, T.tree_norm(grad), steps, status, forced)
