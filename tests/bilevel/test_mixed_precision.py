@@ -5,6 +5,12 @@ the hd rule's accumulators and linear-solve vectors are float32 whatever the par
 only parameters, activations and the updates applied to them are bfloat16.
 """
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -290,3 +296,36 @@ def test_stn_trainer_bfloat16_model_keeps_hyperparameters_float32():
     wd32 = float(trainer32.hparams(state32)["wd"])
     assert wd32 != 0.1  # the hyperparameter moved
     np.testing.assert_allclose(np.log(wd16 / 0.1), np.log(wd32 / 0.1), rtol=0.1)
+
+
+# ----------------------------------------------------------------------------- the docs page
+
+
+def test_the_docs_example_runs_as_written():
+    root = Path(__file__).resolve().parents[2]
+    page = (root / "docs" / "mixed_precision.md").read_text()
+    section = re.search(
+        r"<!-- --8<-- \[start:bf16\] -->\n```python\n(.*?)```\n<!-- --8<-- \[end:bf16\] -->",
+        page,
+        re.S,
+    )
+    assert section, "docs/mixed_precision.md lost its bf16 example"
+    code = section.group(1)
+    assert len(code.splitlines()) <= 30
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "params bfloat16, hyperparameters float32, hd learning rate float32" in proc.stdout
+    numbers = [float(v) for v in re.findall(r"\d+\.\d+", proc.stdout)]
+    cosine, loss32, loss16 = numbers
+    assert cosine >= 0.99 and loss16 == pytest.approx(loss32, rel=0.05)
+    printed = re.search(r"It prints .*?\n\n```text\n(.*?)```", page, re.S)
+    assert printed, "docs/mixed_precision.md lost the example's output"
+    shown = [float(v) for v in re.findall(r"\d+\.\d+", printed.group(1))]
+    np.testing.assert_allclose(shown, numbers, rtol=0.02)
