@@ -147,6 +147,41 @@ def _narrow_like(updates: Any, like: Any) -> Any:
     return jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), updates, like)
 
 
+def _applied_part(directions, params, rates):
+    """``d_{t-1}`` restricted to the entries that the previous step actually moved.
+
+    The previous update of entry ``i`` was ``-alpha_{t-1} d_{t-1,i}``; when it is below half
+    the spacing of floating-point numbers at the parameter (``jnp.spacing`` in the
+    parameter's own dtype), ``w_{t-1,i} - alpha d_{t-1,i}`` rounded back to ``w_{t-1,i}``: the
+    iterate does not depend on ``alpha`` through that entry, so it contributes nothing to the
+    derivative of the loss with respect to the rate. ``params`` (the current ``w_t``, in their
+    own dtypes) stand in for ``w_{t-1}`` (the spacing is the same unless the entry crossed a
+    power of two). ``params is None``: ``directions`` unchanged.
+    """
+    if params is None:
+        return directions
+    out = []
+    for d, w, rate in zip(directions, params, rates, strict=True):
+        w = jnp.asarray(w)
+        if not jnp.issubdtype(w.dtype, jnp.floating):
+            out.append(d)
+            continue
+        half_ulp = 0.5 * jnp.abs(jnp.spacing(w)).astype(d.dtype)
+        out.append(jnp.where(jnp.abs(rate.astype(d.dtype) * d) > half_ulp, d, 0).astype(d.dtype))
+    return out
+
+
+def _rate_per_leaf(rates, groups, n):
+    """The rate of each of ``n`` leaves (``groups`` None: one global rate)."""
+    if groups is None:
+        return [rates[0]] * n
+    per = [None] * n
+    for rate, group in zip(rates, groups, strict=True):
+        for i in group:
+            per[i] = rate
+    return per
+
+
 def _zero_sum(tree: Any, dtype) -> jax.Array:
     """``sum(0 * leaf)`` over the floating leaves: 0, or NaN when a leaf has a NaN or inf.
 
@@ -272,6 +307,7 @@ def hypergradient_lr(
     *,
     per_leaf: bool = False,
     lr_bounds: tuple[float | None, float | None] | None = None,
+    floor_guard: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Learning rate adapted online by hypergradient descent, around any Optax direction.
 
@@ -399,7 +435,7 @@ def hypergradient_lr(
         return _init_state(_widen(params), schedule_value(0), lr_bounds, per_leaf, direction, True)
 
     def update_fn(updates, state, params=None, *, hyper_grads=None, **extra_args):
-        incoming = updates
+        incoming, incoming_params = updates, params
         grads, hyper_grads, params = _widen(updates), _widen(hyper_grads), _widen(params)
         source = grads if hyper_grads is None else hyper_grads
         s_prev = state.schedule_value
@@ -415,6 +451,8 @@ def hypergradient_lr(
         # yields the finiteness flag of the gradient(s) and of d_t.
         rates, treedef, groups, flat = _rate_groups(state.learning_rate, per_leaf)
         a, b, d = flat(source), flat(state.prev_direction), flat(new_direction)
+        if floor_guard and incoming_params is not None:
+            b = _applied_part(b, flat(incoming_params), _rate_per_leaf(rates, groups, len(b)))
         sentinels = [d] if hyper_grads is None else [d, flat(grads)]
         groups = groups or [list(range(len(a)))]
         candidates, total = [], _zero_sum(inner_state, dtype)
@@ -610,6 +648,7 @@ def _recomputed_hd(
     per_leaf: bool,
     lr_bounds: tuple[float | None, float | None] | None,
     lagged: bool,
+    floor_guard: bool,
 ) -> optax.GradientTransformationExtraArgs:
     r""":func:`hypergradient_lr` around ``kind.transform`` with :math:`d_{t-1}` recomputed from
     the direction's state instead of stored, or the one-step-lagged rule.
@@ -637,7 +676,7 @@ def _recomputed_hd(
 
     def update_fn(updates, state, params=None, *, hyper_grads=None, **extra_args):
         del extra_args  # scale_by_adam and trace take none
-        incoming = updates
+        incoming, incoming_params = updates, params
         grads, hyper_grads, params = _widen(updates), _widen(hyper_grads), _widen(params)
         source = grads if hyper_grads is None else hyper_grads
         s_prev = state.schedule_value
@@ -657,6 +696,8 @@ def _recomputed_hd(
         # one reduction per rate: <a, d_{t-1}> (+ norms), non-finite iff something is
         rates, treedef, groups, flat = _rate_groups(state.learning_rate, per_leaf)
         a, b = flat(h_r), flat(previous)
+        if floor_guard and incoming_params is not None:
+            b = _applied_part(b, flat(incoming_params), _rate_per_leaf(rates, groups, len(b)))
         sentinels = [flat(c) for c in checks]
         groups = groups or [list(range(len(a)))]
         signals, total = [], jnp.where(scalars_ok, 0, jnp.nan).astype(dtype)
@@ -810,6 +851,7 @@ def hd_sgd(
     lr_bounds: tuple[float | None, float | None] | None = None,
     accumulator_dtype: Any | None = None,
     lagged: bool = False,
+    floor_guard: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD (plain, heavy-ball or Nesterov) with a hypergradient-descent learning rate (SGD-HD).
 
@@ -899,6 +941,7 @@ def hd_sgd(
                 per_leaf=per_leaf,
                 lr_bounds=lr_bounds,
                 lagged=lagged,
+                floor_guard=floor_guard,
             )
         direction = optax.trace(
             decay=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype
@@ -910,6 +953,7 @@ def hd_sgd(
         multiplicative,
         per_leaf=per_leaf,
         lr_bounds=lr_bounds,
+        floor_guard=floor_guard,
     )
 
 
@@ -927,6 +971,7 @@ def hd_adam(
     per_leaf: bool = False,
     lr_bounds: tuple[float | None, float | None] | None = None,
     lagged: bool = False,
+    floor_guard: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam with a hypergradient-descent learning rate (Adam-HD); a drop-in for ``optax.adam``.
 
@@ -1038,6 +1083,7 @@ def hd_adam(
             per_leaf=per_leaf,
             lr_bounds=lr_bounds,
             lagged=lagged,
+            floor_guard=floor_guard,
         )
     return hypergradient_lr(
         optax.scale_by_adam(
@@ -1048,6 +1094,7 @@ def hd_adam(
         multiplicative,
         per_leaf=per_leaf,
         lr_bounds=lr_bounds,
+        floor_guard=floor_guard,
     )
 
 
