@@ -25,6 +25,7 @@ from solvers import checks
 
 __all__ = [
     "DEFAULT_HYPER_LR",
+    "OVERSHOOT_COSINE",
     "HypergradientLRState",
     "hd_adam",
     "hd_sgd",
@@ -268,16 +269,33 @@ def _signal(dot, sq_a, sq_b, multiplicative):
     return jnp.clip(cos, -1, 1)
 
 
-def _apply_signal(lr, beta, signal, multiplicative):
-    """``lr + beta * signal`` or ``lr * (1 + beta * signal)`` (before schedule and clip)."""
+#: Cosine below which the multiplicative rule with ``safeguards`` treats the last step as an
+#: overshoot and cuts the rate faster (down to half at a cosine of -1).
+OVERSHOOT_COSINE = 0.3
+
+
+def _apply_signal(lr, beta, signal, multiplicative, safeguards=False):
+    """``lr + beta * signal`` or ``lr * factor(signal)`` (before schedule and clip).
+
+    The multiplicative factor is ``1 + beta c``; with ``safeguards``, below ``c = -tau``
+    (``tau`` = :data:`OVERSHOOT_COSINE`) it is at most the line from ``1 - beta tau`` at
+    ``c = -tau`` down to ``1/2`` at ``c = -1``.
+    """
     if not multiplicative:
         return lr + beta * signal
-    return lr * (1 + beta * signal)
+    factor = 1 + beta * signal
+    if safeguards:
+        tau = OVERSHOOT_COSINE
+        top = 1 - beta * tau
+        cut = top - (top - 0.5) * (-tau - signal) / (1 - tau)
+        factor = jnp.where(signal < -tau, jnp.minimum(factor, cut), factor)
+    return lr * factor
 
 
-def _hd_rate(lr, beta, dot, sq_a, sq_b, multiplicative):
+def _hd_rate(lr, beta, dot, sq_a, sq_b, multiplicative, safeguards=False):
     """The hypergradient-descent candidate for the learning rate (before schedule and clip)."""
-    return _apply_signal(lr, beta, _signal(dot, sq_a, sq_b, multiplicative), multiplicative)
+    signal = _signal(dot, sq_a, sq_b, multiplicative)
+    return _apply_signal(lr, beta, signal, multiplicative, safeguards)
 
 
 def _rate_groups(learning_rate, per_leaf):
@@ -307,7 +325,7 @@ def hypergradient_lr(
     *,
     per_leaf: bool = False,
     lr_bounds: tuple[float | None, float | None] | None = None,
-    floor_guard: bool = True,
+    safeguards: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Learning rate adapted online by hypergradient descent, around any Optax direction.
 
@@ -335,12 +353,33 @@ def hypergradient_lr(
     update would then climb the loss). A rate at the floor recovers as soon as
     :math:`\langle g_t, d_{t-1}\rangle > 0`. The floor does not stop a too large
     :math:`\beta` from making the rate oscillate: bound it with ``lr_bounds=(lo, hi)``.
-    Likewise on a deterministic problem solved to the float noise floor: when the parameters
-    stop moving, :math:`g_t` repeats, the cosine stays near 1 and the rate grows until the
-    steps move the parameters again (on Rosenbrock in float32 with ``hd_adam(1e-2)`` the rate
-    falls to 1e-5 after convergence, or, with other rounding, climbs back past 0.1 after
-    about 3000 steps and the iterate leaves the optimum). Long deterministic runs want
-    ``lr_bounds``; minibatch noise keeps the cosine near 0 there.
+    Safeguards (``safeguards=True``, the default; ``False`` gives the rule above as written):
+
+    - *Float resolution.* The signal uses :math:`\tilde d_{t-1}`, the entries of
+      :math:`d_{t-1}` that the previous step actually moved:
+      :math:`\tilde d_{t-1,i} = d_{t-1,i}` if
+      :math:`|\alpha_{t-1} d_{t-1,i}| > \tfrac12 \mathrm{spacing}(w_{t,i})` (in the
+      parameter's dtype), else 0. A smaller update rounds back to :math:`w_{t-1,i}`, so the
+      iterate does not depend on :math:`\alpha_{t-1}` through that entry: the derivative of
+      the loss with respect to the rate, of the iterate actually computed, has no term there.
+      Without it, a deterministic run at the float noise floor (the parameters no longer move,
+      :math:`g_t` repeats, the cosine is 1) grows the rate by :math:`1 + \beta` per step until
+      the steps move the parameters again and leave the optimum: ``hd_adam(1e-2)`` on
+      Rosenbrock in float32 ended at loss 253 with a rate of 59 after 10,000 steps under
+      ``XLA_FLAGS="--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"``
+      (loss 4e-13, rate 2e-5 under the default flags, whose rounding differs); with the
+      safeguard both end below 1e-10 with rates below 1e-4. Needs ``params`` in ``update``
+      (without them :math:`\tilde d = d`).
+    - *Overshoot* (multiplicative rule). A cosine below :math:`-\tau`,
+      :math:`\tau` = :data:`OVERSHOOT_COSINE` = 0.3, says the gradient reversed along the
+      last step: the rate is past the local stability limit, where the error along the stiff
+      directions grows geometrically, and :math:`1 + \beta\cos \ge 0.9` shrinks it too
+      slowly (the loss spikes until it has). There the factor is at most the line from
+      :math:`1 - \beta\tau` at :math:`-\tau` down to :math:`1/2` at :math:`-1` (halving,
+      the backtracking factor, for a reversed step); cosines in :math:`[-\tau, 1]`, where
+      minibatch noise keeps them, are unchanged. ``hd_sgd(1e-3)`` on softmax regression of the
+      digits pixels / 16 (300 full-batch steps) ends at loss 0.07 under both flag settings
+      above, against 0.49 and 37.3 without it (a loss spike caught at the last step).
 
     Schedules: with ``learning_rate`` a schedule :math:`s` (e.g. :func:`optax.linear_schedule`),
     :math:`\alpha_0 = \Pi(s(0))` and the adapted rate follows the schedule's relative changes,
@@ -395,6 +434,8 @@ def hypergradient_lr(
       lr_bounds: optional ``(lo, hi)`` clipping of the learning rate after each update (either
         end may be ``None``; the positive floor applies in any case). A numeric
         ``learning_rate`` must lie within them.
+      safeguards: the float-resolution and overshoot safeguards above (default ``True``);
+        ``False``: the rule of Baydin et al. as written.
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -451,7 +492,7 @@ def hypergradient_lr(
         # yields the finiteness flag of the gradient(s) and of d_t.
         rates, treedef, groups, flat = _rate_groups(state.learning_rate, per_leaf)
         a, b, d = flat(source), flat(state.prev_direction), flat(new_direction)
-        if floor_guard and incoming_params is not None:
+        if safeguards and incoming_params is not None:
             b = _applied_part(b, flat(incoming_params), _rate_per_leaf(rates, groups, len(b)))
         sentinels = [d] if hyper_grads is None else [d, flat(grads)]
         groups = groups or [list(range(len(a)))]
@@ -461,7 +502,7 @@ def hypergradient_lr(
             dot, sq_a, sq_b = _hypergradient_stats(
                 pick(a), pick(b), [pick(z) for z in sentinels], dtype, multiplicative
             )
-            rate = _hd_rate(lr, beta, dot, sq_a, sq_b, multiplicative)
+            rate = _hd_rate(lr, beta, dot, sq_a, sq_b, multiplicative, safeguards)
             candidates.append(_positive_clip(_follow_schedule(rate, s_prev, s_now), lr_bounds))
             total = total + dot
         finite = jnp.isfinite(total) & jnp.all(jnp.isfinite(jnp.stack(candidates)))
@@ -648,7 +689,7 @@ def _recomputed_hd(
     per_leaf: bool,
     lr_bounds: tuple[float | None, float | None] | None,
     lagged: bool,
-    floor_guard: bool,
+    safeguards: bool,
 ) -> optax.GradientTransformationExtraArgs:
     r""":func:`hypergradient_lr` around ``kind.transform`` with :math:`d_{t-1}` recomputed from
     the direction's state instead of stored, or the one-step-lagged rule.
@@ -696,7 +737,7 @@ def _recomputed_hd(
         # one reduction per rate: <a, d_{t-1}> (+ norms), non-finite iff something is
         rates, treedef, groups, flat = _rate_groups(state.learning_rate, per_leaf)
         a, b = flat(h_r), flat(previous)
-        if floor_guard and incoming_params is not None:
+        if safeguards and incoming_params is not None:
             b = _applied_part(b, flat(incoming_params), _rate_per_leaf(rates, groups, len(b)))
         sentinels = [flat(c) for c in checks]
         groups = groups or [list(range(len(a)))]
@@ -713,7 +754,7 @@ def _recomputed_hd(
             return values[0] if treedef is None else jax.tree.unflatten(treedef, values)
 
         def rate_from(lr, signal):
-            rate = _apply_signal(lr, beta, signal, multiplicative)
+            rate = _apply_signal(lr, beta, signal, multiplicative, safeguards)
             return _positive_clip(_follow_schedule(rate, s_prev, s_now), lr_bounds)
 
         if not lagged:
@@ -820,11 +861,12 @@ _DEFAULT_DOC = """
 
     which is scale-free: :math:`\\cos` does not depend on the units of the loss, the
     parameters or the rate, so one :math:`\\beta` serves every initial rate and model (a rate
-    changes by at most a factor :math:`1 \\pm \\beta` per step; it reaches 100 times its
+    changes by a factor within :math:`1 \\pm \\beta` per step, or down to 1/2 after an
+    overshoot (the safeguards, end of this section); it reaches 100 times its
     initial value in about 50 steps of agreeing directions). The factor
     :math:`1 + \\beta\\cos` (the multiplicative rule of Baydin et al.) rather than
     :math:`e^{\\beta\\cos}`: both agree to first order in :math:`\\beta`; the former stays in
-    :math:`[1-\\beta, 1+\\beta]` and, under noisy (minibatch) signals,
+    :math:`[1-\\beta, 1+\\beta]` (for cosines above -0.3) and, under noisy (minibatch) signals,
     :math:`\\log(1 + \\beta c) \\approx \\beta c - \\beta^2 c^2 / 2` drifts slightly down, so
     the rate settles where consecutive steps still agree a little rather than at the edge of
     stability. The default :math:`\\beta = 0.1` had the smallest worst-case loss gap to the best
@@ -836,6 +878,9 @@ _DEFAULT_DOC = """
     :math:`\\alpha_t = \\Pi(\\alpha_{t-1} + \\beta \\langle g_t, d_{t-1} \\rangle)` of the paper
     (whose :math:`\\beta` has units and must be tuned), as in earlier versions;
     ``multiplicative=False`` without ``hyper_lr`` is an error.
+    Both rules come with the safeguards of :func:`hypergradient_lr` (no rate change from
+    entries the last step left unchanged, a faster cut after an overshoot) unless
+    ``safeguards=False``.
 
 """
 
@@ -851,7 +896,7 @@ def hd_sgd(
     lr_bounds: tuple[float | None, float | None] | None = None,
     accumulator_dtype: Any | None = None,
     lagged: bool = False,
-    floor_guard: bool = True,
+    safeguards: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD (plain, heavy-ball or Nesterov) with a hypergradient-descent learning rate (SGD-HD).
 
@@ -896,6 +941,8 @@ def hd_sgd(
         least float32: see mixed precision in :func:`hypergradient_lr`); the
         heavy-ball :math:`d_{t-1}` is read from the buffer as stored, i.e. rounded to it.
       lagged: the one-step-lagged rule (see :func:`hd_adam`); heavy ball only.
+      safeguards: the float-resolution and overshoot safeguards of :func:`hypergradient_lr`
+        (default ``True``; ``False``: the paper's rule as written).
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -941,7 +988,7 @@ def hd_sgd(
                 per_leaf=per_leaf,
                 lr_bounds=lr_bounds,
                 lagged=lagged,
-                floor_guard=floor_guard,
+                safeguards=safeguards,
             )
         direction = optax.trace(
             decay=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype
@@ -953,7 +1000,7 @@ def hd_sgd(
         multiplicative,
         per_leaf=per_leaf,
         lr_bounds=lr_bounds,
-        floor_guard=floor_guard,
+        safeguards=safeguards,
     )
 
 
@@ -971,7 +1018,7 @@ def hd_adam(
     per_leaf: bool = False,
     lr_bounds: tuple[float | None, float | None] | None = None,
     lagged: bool = False,
-    floor_guard: bool = True,
+    safeguards: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam with a hypergradient-descent learning rate (Adam-HD); a drop-in for ``optax.adam``.
 
@@ -1038,6 +1085,8 @@ def hd_adam(
       per_leaf: one learning rate per parameter leaf.
       lr_bounds: optional ``(lo, hi)`` clipping of the learning rate.
       lagged: the one-step-lagged rule above (not with ``nesterov``).
+      safeguards: the float-resolution and overshoot safeguards of :func:`hypergradient_lr`
+        (default ``True``; ``False``: the paper's rule as written).
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -1083,7 +1132,7 @@ def hd_adam(
             per_leaf=per_leaf,
             lr_bounds=lr_bounds,
             lagged=lagged,
-            floor_guard=floor_guard,
+            safeguards=safeguards,
         )
     return hypergradient_lr(
         optax.scale_by_adam(
@@ -1094,7 +1143,7 @@ def hd_adam(
         multiplicative,
         per_leaf=per_leaf,
         lr_bounds=lr_bounds,
-        floor_guard=floor_guard,
+        safeguards=safeguards,
     )
 
 

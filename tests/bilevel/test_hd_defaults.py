@@ -199,3 +199,48 @@ def test_sgd_default_needs_a_bound_where_curvature_rises():
     assert loss < 1e-6 and skipped == 0
     loss, skipped = run(bilevel.hd_adam(1e-2))
     assert loss < 1e-6 and skipped == 0
+
+
+# ----------------------------------------------------------------------------- safeguards
+
+
+@pytest.mark.parametrize("factory", [bilevel.hd_adam, bilevel.hd_sgd])
+def test_no_rate_growth_from_steps_below_float_resolution(factory):
+    """Parameters at 1e4 in float32 (spacing 1e-3) and a constant gradient: steps of 1e-6 leave
+    them unchanged, g_t repeats and the cosine is 1. The paper's rule grows the rate by 1.1
+    per step regardless; the default keeps it, as the iterate does not depend on it."""
+    params = jnp.full(3, 1e4, jnp.float32)
+    grads = jnp.ones(3, jnp.float32)
+
+    def run(tx):
+        state = tx.init(params)
+        p = params
+        for _ in range(30):
+            updates, state = tx.update(grads, state, p)
+            p = optax.apply_updates(p, updates)
+        assert bool(jnp.all(p == params))  # below resolution: nothing moved
+        return float(optax.tree_utils.tree_get(state, "learning_rate"))
+
+    assert run(factory(1e-6, safeguards=False)) > 10 * 1e-6
+    assert run(factory(1e-6)) == pytest.approx(1e-6, rel=1e-6)
+
+
+def test_overshoot_cuts_the_rate_by_up_to_half():
+    """On w^2 / 2 a rate of 3 (SGD) reverses every step: cos = -1, factor 1/2 (0.9 without).
+
+    (Adam's smoothed direction is covered by the NumPy transcription in test_hd.py.)
+    """
+    loss = lambda w: 0.5 * jnp.sum(w**2)
+    factory, lr0 = bilevel.hd_sgd, 3.0
+
+    def rates(tx):
+        w, state, out = jnp.array([1.0, -2.0]), tx.init(jnp.array([1.0, -2.0])), []
+        for _ in range(3):
+            updates, state = tx.update(jax.grad(loss)(w), state, w)
+            w = optax.apply_updates(w, updates)
+            out.append(float(optax.tree_utils.tree_get(state, "learning_rate")))
+        return np.array(out)
+
+    guarded, paper = rates(factory(lr0)), rates(factory(lr0, safeguards=False))
+    np.testing.assert_allclose(paper[1:] / paper[:-1], 0.9, rtol=1e-5)
+    np.testing.assert_allclose(guarded[1:] / guarded[:-1], 0.5, rtol=1e-5)
