@@ -175,10 +175,12 @@ def test_defaults_do_not_hurt_a_good_rate(digits_runs, pixels):
 def test_sgd_default_needs_a_bound_where_curvature_rises():
     """A documented limit: Rosenbrock from (0, 0) with SGD directions (not normalized).
 
-    Along the valley the directions agree and the default rule grows the rate past the
-    stability limit (2 (1 + mu) / 1000 near the minimum) before the curvature rises; the
-    iterate blows up, its gradient overflows and every later step is skipped. An upper bound
-    on the rate (``lr_bounds``) prevents it; Adam's normalized direction does not need one.
+    Along the valley the directions agree and the rule grows the rate past the stability
+    limit (2 (1 + mu) / 1000 near the minimum) before the curvature rises; the iterate blows
+    up, its gradient overflows and every later step is skipped: plain SGD, and heavy ball
+    without the safeguards (with them, the overshoot cut brings heavy ball back in time). An
+    upper bound on the rate (``lr_bounds``) prevents it; Adam's normalized direction does not
+    need one.
     """
 
     def run(tx):
@@ -194,7 +196,11 @@ def test_sgd_default_needs_a_bound_where_curvature_rises():
         )
         return float(objective(p)), int(s.skipped)
 
-    assert run(bilevel.hd_sgd(1e-3, momentum=0.9))[1] > 0  # diverged, then stuck
+    assert run(bilevel.hd_sgd(1e-3))[1] > 0  # diverged, then stuck
+    assert run(bilevel.hd_sgd(1e-3, momentum=0.9, safeguards=False))[1] > 0
+    # heavy ball: the overshoot safeguard catches it in time
+    loss, skipped = run(bilevel.hd_sgd(1e-3, momentum=0.9))
+    assert loss < 1e-6 and skipped == 0
     loss, skipped = run(bilevel.hd_sgd(1e-3, momentum=0.9, lr_bounds=(None, 2e-3)))
     assert loss < 1e-6 and skipped == 0
     loss, skipped = run(bilevel.hd_adam(1e-2))
