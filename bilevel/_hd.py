@@ -167,7 +167,8 @@ def _applied_part(directions, params, rates):
         if not jnp.issubdtype(w.dtype, jnp.floating):
             out.append(d)
             continue
-        half_ulp = 0.5 * jnp.abs(jnp.spacing(w)).astype(d.dtype)
+        # a piecewise-constant mask: no derivative (nextafter has no differentiation rule)
+        half_ulp = 0.5 * jnp.abs(jnp.spacing(jax.lax.stop_gradient(w))).astype(d.dtype)
         out.append(jnp.where(jnp.abs(rate.astype(d.dtype) * d) > half_ulp, d, 0).astype(d.dtype))
     return out
 
