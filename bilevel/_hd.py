@@ -25,7 +25,6 @@ from solvers import checks
 
 __all__ = [
     "DEFAULT_HYPER_LR",
-    "OVERSHOOT_COSINE",
     "HypergradientLRState",
     "hd_adam",
     "hd_sgd",
@@ -243,7 +242,7 @@ def _apply_signal(lr, beta, signal, multiplicative, safeguards=False):
     """``lr + beta * signal`` or ``lr * factor(signal)`` (before schedule and clip).
 
     The multiplicative factor is ``1 + beta c``; with ``safeguards``, below ``c = -tau``
-    (``tau`` = :data:`OVERSHOOT_COSINE`) it is at most the line from ``1 - beta tau`` at
+    (``tau`` = ``bilevel._hd.OVERSHOOT_COSINE``) it is at most the line from ``1 - beta tau`` at
     ``c = -tau`` down to ``1/2`` at ``c = -1``.
     """
     if not multiplicative:
@@ -320,7 +319,7 @@ def hypergradient_lr(
     :math:`\beta` from making the rate oscillate: bound it with ``lr_bounds=(lo, hi)``.
     Safeguard (``safeguards=True``, the default; ``False`` gives the rule above as written),
     multiplicative rule: a cosine below :math:`-\tau`, :math:`\tau` =
-    :data:`OVERSHOOT_COSINE` = 0.3, says the gradient reversed along the last step: the rate is
+    ``bilevel._hd.OVERSHOOT_COSINE`` = 0.3, says the gradient reversed along the last step: the rate is
     past the local stability limit, where the error along the stiff directions grows
     geometrically, and :math:`1 + \beta\cos \ge 1 - \beta` shrinks it too slowly (the loss
     spikes until it has). There the factor is at most the line from :math:`1 - \beta\tau` at
