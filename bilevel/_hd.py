@@ -1061,7 +1061,7 @@ def hd_adam(
       >>> for _ in range(200):
       ...     updates, state = tx.update(jax.grad(loss)(w), state, w)
       ...     w = optax.apply_updates(w, updates)
-      >>> print(optax.tree_utils.tree_get(state, "learning_rate") > 1e-3)
+      >>> print(bool(loss(w) < 1e-3))  # optax.adam(1e-3) moves w by at most 0.2 in 200 steps
       True
       >>> slower = bilevel.hd_adam(1e-3, hyper_lr=0.01, multiplicative=True)  # other beta
       >>> warm = bilevel.hd_adam(optax.linear_schedule(0.0, 1e-2, 100))
