@@ -39,7 +39,7 @@ class HypergradientLRState(NamedTuple):
       count: number of ``update`` calls (skipped ones included), int32, saturating.
       learning_rate: the current learning rate :math:`\alpha_t`; a scalar, or with
         ``per_leaf=True`` a pytree of scalars shaped like the parameters. Stored in the widest
-        floating dtype of the parameters, at least float32.
+        floating dtype of the parameters, at least float32 (never bfloat16 or float16).
       prev_direction: the previous direction :math:`d_{t-1}` (zeros before the first step), or
         ``None`` when :math:`d_{t-1}` is recomputed from ``inner_state`` (:func:`hd_adam`
         without Nesterov, heavy-ball :func:`hd_sgd`), which then holds everything.
@@ -123,6 +123,28 @@ def _lr_dtype(params: optax.Params) -> jnp.dtype:
         if jnp.issubdtype(leaf_dtype, jnp.floating):
             dtype = jnp.promote_types(dtype, leaf_dtype)
     return dtype
+
+
+def _widened(dtype) -> jnp.dtype:
+    """``dtype`` promoted to at least float32 (float16 and bfloat16 become float32)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _widen(tree: Any) -> Any:
+    """``tree`` with its floating leaves narrower than float32 cast to float32 (others kept)."""
+
+    def leaf(x):
+        x = jnp.asarray(x)
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != _widened(x.dtype):
+            return x.astype(_widened(x.dtype))
+        return x
+
+    return None if tree is None else jax.tree.map(leaf, tree)
+
+
+def _narrow_like(updates: Any, like: Any) -> Any:
+    """``updates`` cast back, leaf by leaf, to the dtypes of ``like`` (the incoming gradient)."""
+    return jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), updates, like)
 
 
 def _zero_sum(tree: Any, dtype) -> jax.Array:
@@ -211,16 +233,33 @@ def _signal(dot, sq_a, sq_b, multiplicative):
     return jnp.clip(cos, -1, 1)
 
 
-def _apply_signal(lr, beta, signal, multiplicative):
-    """``lr + beta * signal`` or ``lr * (1 + beta * signal)`` (before schedule and clip)."""
+#: Cosine below which the multiplicative rule with ``safeguards`` treats the last step as an
+#: overshoot and cuts the rate faster (down to half at a cosine of -1).
+OVERSHOOT_COSINE = 0.3
+
+
+def _apply_signal(lr, beta, signal, multiplicative, safeguards=False):
+    """``lr + beta * signal`` or ``lr * factor(signal)`` (before schedule and clip).
+
+    The multiplicative factor is ``1 + beta c``; with ``safeguards``, below ``c = -tau``
+    (``tau`` = ``bilevel._hd.OVERSHOOT_COSINE``) it is at most the line from ``1 - beta tau`` at
+    ``c = -tau`` down to ``1/2`` at ``c = -1``.
+    """
     if not multiplicative:
         return lr + beta * signal
-    return lr * (1 + beta * signal)
+    factor = 1 + beta * signal
+    if safeguards:
+        tau = OVERSHOOT_COSINE
+        top = 1 - beta * tau
+        cut = top - (top - 0.5) * (-tau - signal) / (1 - tau)
+        factor = jnp.where(signal < -tau, jnp.minimum(factor, cut), factor)
+    return lr * factor
 
 
-def _hd_rate(lr, beta, dot, sq_a, sq_b, multiplicative):
+def _hd_rate(lr, beta, dot, sq_a, sq_b, multiplicative, safeguards=False):
     """The hypergradient-descent candidate for the learning rate (before schedule and clip)."""
-    return _apply_signal(lr, beta, _signal(dot, sq_a, sq_b, multiplicative), multiplicative)
+    signal = _signal(dot, sq_a, sq_b, multiplicative)
+    return _apply_signal(lr, beta, signal, multiplicative, safeguards)
 
 
 def _rate_groups(learning_rate, per_leaf):
@@ -250,6 +289,7 @@ def hypergradient_lr(
     *,
     per_leaf: bool = False,
     lr_bounds: tuple[float | None, float | None] | None = None,
+    safeguards: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Learning rate adapted online by hypergradient descent, around any Optax direction.
 
@@ -277,12 +317,27 @@ def hypergradient_lr(
     update would then climb the loss). A rate at the floor recovers as soon as
     :math:`\langle g_t, d_{t-1}\rangle > 0`. The floor does not stop a too large
     :math:`\beta` from making the rate oscillate: bound it with ``lr_bounds=(lo, hi)``.
-    Likewise on a deterministic problem solved to the float noise floor: when the parameters
-    stop moving, :math:`g_t` repeats, the cosine stays near 1 and the rate grows until the
-    steps move the parameters again (on Rosenbrock in float32 with ``hd_adam(1e-2)`` the rate
-    falls to 1e-5 after convergence, or, with other rounding, climbs back past 0.1 after
-    about 3000 steps and the iterate leaves the optimum). Long deterministic runs want
-    ``lr_bounds``; minibatch noise keeps the cosine near 0 there.
+    Safeguard (``safeguards=True``, the default; ``False`` gives the rule above as written),
+    multiplicative rule: a cosine below :math:`-\tau`, :math:`\tau` =
+    ``bilevel._hd.OVERSHOOT_COSINE`` = 0.3, says the gradient reversed along the last step: the rate is
+    past the local stability limit, where the error along the stiff directions grows
+    geometrically, and :math:`1 + \beta\cos \ge 1 - \beta` shrinks it too slowly (the loss
+    spikes until it has). There the factor is at most the line from :math:`1 - \beta\tau` at
+    :math:`-\tau` down to :math:`1/2` at :math:`-1` (halving, the backtracking factor, for a
+    reversed step); cosines in :math:`[-\tau, 1]`, where minibatch noise keeps them, are
+    unchanged. Two rounding-sensitive failures of the rule as written, both measured under the
+    default XLA flags and under
+    ``XLA_FLAGS="--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"``:
+    ``hd_sgd(1e-3)`` on softmax regression of the digits pixels / 16 (300 full-batch steps)
+    ended at loss 0.49 and 37.3 (the rate rides the edge of stability and the loss spikes; the
+    last step caught a spike), with the safeguard 0.07 and 0.07; ``hd_adam(1e-2)`` on
+    Rosenbrock in float32 reached the optimum, then at the float noise floor (the parameters
+    stop moving, :math:`g_t` repeats, the cosine is 1) grew its rate until the steps left the
+    optimum (loss 253, rate 59 after 10,000 steps under the second flags); with the safeguard
+    the reversed gradient cuts the rate back at once, and both runs end below 1e-11 with rates
+    below 1e-6. A mask of the entries that the last step left unchanged (below float
+    resolution) was tried instead and rejected: it also freezes a rate too small to move the
+    parameters (bfloat16 Adam on a quadratic stuck at loss 0.38), which the rule must grow.
 
     Schedules: with ``learning_rate`` a schedule :math:`s` (e.g. :func:`optax.linear_schedule`),
     :math:`\alpha_0 = \Pi(s(0))` and the adapted rate follows the schedule's relative changes,
@@ -298,6 +353,18 @@ def hypergradient_lr(
     Online validation hypergradient: ``update(grads, state, params, hyper_grads=val_grads)``
     uses the gradient of a held-out loss in place of :math:`g_t` in the rule above (the
     direction still comes from ``grads``).
+
+    Mixed precision: the rule runs in at least float32 whatever the parameters' dtype. The
+    gradient, ``hyper_grads`` and ``params`` are cast to float32 when they are narrower
+    (bfloat16, float16; float32 and float64 leaves are kept) before they reach ``direction``,
+    so the direction's state (Adam's moments, a momentum buffer: ``mu_dtype`` or
+    ``accumulator_dtype`` still choose their storage), ``prev_direction``, the inner products
+    and the learning rate are float32; only the returned update is cast back to the dtype of
+    the incoming gradient. A bfloat16 accumulator breaks Adam: ``b2 = 0.999`` itself rounds
+    to 1 in bfloat16 (8 significant bits), so the second moment never decays (0.76 instead of
+    0.089 after 1000 steps of unit normal gradients and 2000 of a tenth of that size). Under :func:`optax.inject_hyperparams` pass
+    ``hyperparam_dtype=jnp.float32``: by default it casts the injected ``learning_rate`` to
+    the parameters' dtype, i.e. rounds it to bfloat16 before this transformation sees it.
 
     Non-finite steps: a step is applied only when the gradient, ``hyper_grads``, the new
     direction, the new state of ``direction`` (e.g. Adam's moments, whose second moment
@@ -325,6 +392,8 @@ def hypergradient_lr(
       lr_bounds: optional ``(lo, hi)`` clipping of the learning rate after each update (either
         end may be ``None``; the positive floor applies in any case). A numeric
         ``learning_rate`` must lie within them.
+      safeguards: the overshoot safeguard above (default ``True``; it acts on the
+        multiplicative rule); ``False``: the rule of Baydin et al. as written.
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -362,10 +431,11 @@ def hypergradient_lr(
         return schedule(count) if schedule is not None else learning_rate
 
     def init_fn(params):
-        return _init_state(params, schedule_value(0), lr_bounds, per_leaf, direction, True)
+        return _init_state(_widen(params), schedule_value(0), lr_bounds, per_leaf, direction, True)
 
     def update_fn(updates, state, params=None, *, hyper_grads=None, **extra_args):
-        grads = updates
+        incoming = updates
+        grads, hyper_grads, params = _widen(updates), _widen(hyper_grads), _widen(params)
         source = grads if hyper_grads is None else hyper_grads
         s_prev = state.schedule_value
         dtype = s_prev.dtype
@@ -388,7 +458,7 @@ def hypergradient_lr(
             dot, sq_a, sq_b = _hypergradient_stats(
                 pick(a), pick(b), [pick(z) for z in sentinels], dtype, multiplicative
             )
-            rate = _hd_rate(lr, beta, dot, sq_a, sq_b, multiplicative)
+            rate = _hd_rate(lr, beta, dot, sq_a, sq_b, multiplicative, safeguards)
             candidates.append(_positive_clip(_follow_schedule(rate, s_prev, s_now), lr_bounds))
             total = total + dot
         finite = jnp.isfinite(total) & jnp.all(jnp.isfinite(jnp.stack(candidates)))
@@ -407,7 +477,8 @@ def hypergradient_lr(
         )
         lr, prev, inner_state, s = guarded.value
         ok = guarded.applied
-        return _scaled(lr, new_direction, per_leaf, lambda rate, d: ok), HypergradientLRState(
+        new_updates = _scaled(lr, new_direction, per_leaf, lambda rate, d: ok)
+        return _narrow_like(new_updates, incoming), HypergradientLRState(
             count=optax.safe_increment(state.count),
             learning_rate=lr,
             prev_direction=prev,
@@ -574,6 +645,7 @@ def _recomputed_hd(
     per_leaf: bool,
     lr_bounds: tuple[float | None, float | None] | None,
     lagged: bool,
+    safeguards: bool,
 ) -> optax.GradientTransformationExtraArgs:
     r""":func:`hypergradient_lr` around ``kind.transform`` with :math:`d_{t-1}` recomputed from
     the direction's state instead of stored, or the one-step-lagged rule.
@@ -592,14 +664,17 @@ def _recomputed_hd(
         return schedule(count) if schedule is not None else learning_rate
 
     def init_fn(params):
-        state = _init_state(params, schedule_value(0), lr_bounds, per_leaf, transform, False)
+        state = _init_state(
+            _widen(params), schedule_value(0), lr_bounds, per_leaf, transform, False
+        )
         if lagged:
             state = state._replace(pending=jax.tree.map(jnp.zeros_like, state.learning_rate))
         return state
 
     def update_fn(updates, state, params=None, *, hyper_grads=None, **extra_args):
         del extra_args  # scale_by_adam and trace take none
-        grads = updates
+        incoming = updates
+        grads, hyper_grads, params = _widen(updates), _widen(hyper_grads), _widen(params)
         source = grads if hyper_grads is None else hyper_grads
         s_prev = state.schedule_value
         dtype = s_prev.dtype
@@ -633,7 +708,7 @@ def _recomputed_hd(
             return values[0] if treedef is None else jax.tree.unflatten(treedef, values)
 
         def rate_from(lr, signal):
-            rate = _apply_signal(lr, beta, signal, multiplicative)
+            rate = _apply_signal(lr, beta, signal, multiplicative, safeguards)
             return _positive_clip(_follow_schedule(rate, s_prev, s_now), lr_bounds)
 
         if not lagged:
@@ -693,7 +768,7 @@ def _recomputed_hd(
                     new_direction,
                     entry_ok,
                 )
-        return new_updates, HypergradientLRState(
+        return _narrow_like(new_updates, incoming), HypergradientLRState(
             count=optax.safe_increment(state.count),
             learning_rate=lr,
             prev_direction=None,
@@ -740,11 +815,12 @@ _DEFAULT_DOC = """
 
     which is scale-free: :math:`\\cos` does not depend on the units of the loss, the
     parameters or the rate, so one :math:`\\beta` serves every initial rate and model (a rate
-    changes by at most a factor :math:`1 \\pm \\beta` per step; it reaches 100 times its
+    changes by a factor within :math:`1 \\pm \\beta` per step, or down to 1/2 after an
+    overshoot (the safeguard, end of this section); it reaches 100 times its
     initial value in about 50 steps of agreeing directions). The factor
     :math:`1 + \\beta\\cos` (the multiplicative rule of Baydin et al.) rather than
     :math:`e^{\\beta\\cos}`: both agree to first order in :math:`\\beta`; the former stays in
-    :math:`[1-\\beta, 1+\\beta]` and, under noisy (minibatch) signals,
+    :math:`[1-\\beta, 1+\\beta]` (for cosines above -0.3) and, under noisy (minibatch) signals,
     :math:`\\log(1 + \\beta c) \\approx \\beta c - \\beta^2 c^2 / 2` drifts slightly down, so
     the rate settles where consecutive steps still agree a little rather than at the edge of
     stability. The default :math:`\\beta = 0.1` had the smallest worst-case loss gap to the best
@@ -756,6 +832,9 @@ _DEFAULT_DOC = """
     :math:`\\alpha_t = \\Pi(\\alpha_{t-1} + \\beta \\langle g_t, d_{t-1} \\rangle)` of the paper
     (whose :math:`\\beta` has units and must be tuned), as in earlier versions;
     ``multiplicative=False`` without ``hyper_lr`` is an error.
+    The multiplicative rule comes with the overshoot safeguard of :func:`hypergradient_lr` (a
+    faster cut, down to 1/2, after a step that reversed the gradient) unless
+    ``safeguards=False``.
 
 """
 
@@ -771,6 +850,7 @@ def hd_sgd(
     lr_bounds: tuple[float | None, float | None] | None = None,
     accumulator_dtype: Any | None = None,
     lagged: bool = False,
+    safeguards: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""SGD (plain, heavy-ball or Nesterov) with a hypergradient-descent learning rate (SGD-HD).
 
@@ -796,7 +876,8 @@ def hd_sgd(
     Limit: SGD's direction is not normalized, so where the directions agree for long and the
     curvature then rises (Rosenbrock's valley from :math:`(0, 0)`), the rate can grow past the
     stability limit before the signal turns, and the iterate diverges (its gradient then
-    overflows and every later step is skipped). Bound the rate there,
+    overflows and every later step is skipped): plain ``hd_sgd(1e-3)`` does, heavy ball
+    ``hd_sgd(1e-3, momentum=0.9)`` did without the safeguard (with it, it converges). Bound the rate there,
     ``lr_bounds=(None, hi)`` with ``hi`` at most about :math:`2 (1 + \mu) / L` for curvature
     :math:`L`; :func:`hd_adam`, whose step is normalized, did not need it in the tests.
 
@@ -811,9 +892,12 @@ def hd_sgd(
         ``hyper_lr`` is given.
       per_leaf: one learning rate per parameter leaf.
       lr_bounds: optional ``(lo, hi)`` clipping of the learning rate.
-      accumulator_dtype: dtype of the momentum buffer (default: that of the parameters); the
+      accumulator_dtype: dtype of the momentum buffer (default: that of the parameters, at
+        least float32: see mixed precision in :func:`hypergradient_lr`); the
         heavy-ball :math:`d_{t-1}` is read from the buffer as stored, i.e. rounded to it.
       lagged: the one-step-lagged rule (see :func:`hd_adam`); heavy ball only.
+      safeguards: the overshoot safeguard of :func:`hypergradient_lr` (default ``True``;
+        ``False``: the paper's rule as written).
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -859,6 +943,7 @@ def hd_sgd(
                 per_leaf=per_leaf,
                 lr_bounds=lr_bounds,
                 lagged=lagged,
+                safeguards=safeguards,
             )
         direction = optax.trace(
             decay=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype
@@ -870,6 +955,7 @@ def hd_sgd(
         multiplicative,
         per_leaf=per_leaf,
         lr_bounds=lr_bounds,
+        safeguards=safeguards,
     )
 
 
@@ -887,6 +973,7 @@ def hd_adam(
     per_leaf: bool = False,
     lr_bounds: tuple[float | None, float | None] | None = None,
     lagged: bool = False,
+    safeguards: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adam with a hypergradient-descent learning rate (Adam-HD); a drop-in for ``optax.adam``.
 
@@ -947,11 +1034,14 @@ def hd_adam(
       multiplicative: the multiplicative rule (Adam-HDM); ``None``: multiplicative unless a
         ``hyper_lr`` is given.
       eps_root: term added inside the square root.
-      mu_dtype: dtype of the first moment.
+      mu_dtype: dtype of the first moment (default: that of the parameters, at least float32,
+        as the second moment's: see mixed precision in :func:`hypergradient_lr`).
       nesterov: use the Nesterov (NAdam) direction of :func:`optax.scale_by_adam`.
       per_leaf: one learning rate per parameter leaf.
       lr_bounds: optional ``(lo, hi)`` clipping of the learning rate.
       lagged: the one-step-lagged rule above (not with ``nesterov``).
+      safeguards: the overshoot safeguard of :func:`hypergradient_lr` (default ``True``;
+        ``False``: the paper's rule as written).
 
     Returns:
       A :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -971,7 +1061,7 @@ def hd_adam(
       >>> for _ in range(200):
       ...     updates, state = tx.update(jax.grad(loss)(w), state, w)
       ...     w = optax.apply_updates(w, updates)
-      >>> print(optax.tree_utils.tree_get(state, "learning_rate") > 1e-3)
+      >>> print(bool(loss(w) < 1e-3))  # optax.adam(1e-3) moves w by at most 0.2 in 200 steps
       True
       >>> slower = bilevel.hd_adam(1e-3, hyper_lr=0.01, multiplicative=True)  # other beta
       >>> warm = bilevel.hd_adam(optax.linear_schedule(0.0, 1e-2, 100))
@@ -997,6 +1087,7 @@ def hd_adam(
             per_leaf=per_leaf,
             lr_bounds=lr_bounds,
             lagged=lagged,
+            safeguards=safeguards,
         )
     return hypergradient_lr(
         optax.scale_by_adam(
@@ -1007,6 +1098,7 @@ def hd_adam(
         multiplicative,
         per_leaf=per_leaf,
         lr_bounds=lr_bounds,
+        safeguards=safeguards,
     )
 
 

@@ -18,6 +18,10 @@ spec                       value                                                
 A *space* is any pytree (usually a dict) whose leaves are these specs. ``init`` may be an array
 (one hyperparameter per feature, layer or example): ``log(jnp.full(n, 1e-3))``.
 
+Dtypes: specs store float32 (float64 only for a float64 ``init`` under ``jax_enable_x64``),
+never less: a bfloat16 or float16 ``init`` is cast to float32, so a model trained in bfloat16
+still has float32 hyperparameters (see ``docs/mixed_precision.md``).
+
 Two discrete specs hold hyperparameters no gradient reaches (a batch size, a layer count, a switch
 between alternatives): ``choice(values)``, one of a list of numbers, and ``integer(lower, upper)``,
 an integer in ``[lower, upper]``. They have no unconstrained form: :func:`init`, :func:`constrain`
@@ -161,6 +165,17 @@ def _short(v: np.ndarray) -> str:
     return f"{float(v):g}" if v.ndim == 0 else f"array{list(v.shape)}"
 
 
+def _is_narrow_float(dtype: Any) -> bool:
+    """Whether ``dtype`` is a floating type narrower than float32 (float16, bfloat16, ...)."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4
+
+
+def _at_least_float32(x: Any) -> jax.Array:
+    """``x`` as a JAX array, cast to float32 when it is a narrower float (bfloat16, float16)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.float32) if _is_narrow_float(x.dtype) else x
+
+
 def _as_array(init: Any) -> np.ndarray:
     if isinstance(init, jax.core.Tracer):
         raise TypeError(
@@ -173,15 +188,17 @@ def _as_array(init: Any) -> np.ndarray:
         raise TypeError(
             f"init must be a number or an array of numbers, got {init!r} ({e})"
         ) from None
-    if not (np.issubdtype(v.dtype, np.number) or v.dtype == bool) or np.issubdtype(
-        v.dtype, np.complexfloating
-    ):
+    if not (
+        np.issubdtype(v.dtype, np.number) or v.dtype == bool or _is_narrow_float(v.dtype)
+    ) or np.issubdtype(v.dtype, np.complexfloating):
         raise TypeError(
             f"init must be a real number or an array of real numbers, got {init!r} "
             f"(dtype {v.dtype})"
         )
     if np.issubdtype(v.dtype, np.integer) or v.dtype == bool:
         v = v.astype(np.float32)
+    if _is_narrow_float(v.dtype):
+        v = v.astype(np.float32)  # hyperparameters are never stored below float32
     if v.dtype == np.float64 and not jax.config.jax_enable_x64:
         v = v.astype(np.float32)
     return v
@@ -508,10 +525,11 @@ def constrain(space: PyTree, u: PyTree) -> PyTree:
 def unconstrain(space: PyTree, values: PyTree) -> PyTree:
     """Unconstrained parameters for given constrained values (inverse of :func:`constrain`).
 
-    Useful to start a population of tuners at chosen values.
+    Useful to start a population of tuners at chosen values. Values narrower than float32
+    (bfloat16, float16) are cast to float32 first: hyperparameters are never stored below it.
     """
     leaves, treedef, vals = _check_values(space, values, "hyperparameter values")
     return jax.tree.unflatten(
         treedef,
-        [spec.unconstrain(jnp.asarray(x)) for (_, spec), x in zip(leaves, vals, strict=True)],
+        [spec.unconstrain(_at_least_float32(x)) for (_, spec), x in zip(leaves, vals, strict=True)],
     )

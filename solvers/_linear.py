@@ -11,6 +11,10 @@ Solves are differentiable in both modes: ``x`` is returned through ``lax.custom_
 ``jax.grad``/``jax.jvp`` of ``x`` with respect to ``b``, to values ``matvec`` closes over, and to a
 call-time ``ridge`` use the implicit derivative ``A^{-1}`` (one more solve), never the iterations.
 The stats are not differentiated.
+
+Mixed precision: a system whose ``b`` has bfloat16 or float16 leaves is solved in float32 (``b``,
+the warm start, the iterates and ``stats.residual`` are float32; ``matvec`` receives vectors in
+the dtypes of ``b`` and its outputs are cast up) and ``x`` is returned in the dtypes of ``b``.
 """
 
 from __future__ import annotations
@@ -136,6 +140,7 @@ class LinearSolver:
           ``(x, stats)``: the solution pytree and a :class:`SolveStats`. ``x`` is differentiable
           (``jax.grad``/``jax.jvp``, through ``lax.custom_linear_solve``); ``stats`` is not.
         """
+        matvec, b, narrow = _in_float32(matvec, b)
         b, init, ridge = self._prepare(matvec, b, init, ridge)
         # With ridge="auto" the operator stays undamped: the solve adds its own damping.
         mv = _cast_like(matvec, b) if self.adaptive else _damped(_cast_like(matvec, b), ridge)
@@ -154,7 +159,7 @@ class LinearSolver:
             if self._symmetric:
                 raise
             x, stats = lax.custom_linear_solve(mv, b, solve, None, has_aux=True)
-        return x, SolveStats(*(jnp.asarray(s) for s in stats))
+        return narrow(x), SolveStats(*(jnp.asarray(s) for s in stats))
 
     def _prepare(self, matvec, b, init, ridge):
         """Validate the call; return ``b`` and ``init`` as arrays and the ridge to use."""
@@ -200,15 +205,39 @@ class LinearSolver:
     def _solve_with_stats(self, matvec, b, init=None, ridge=None):
         """Undifferentiated solve of ``(A + ridge I) x = b`` for callers that differentiate
         through their own ``lax.custom_linear_solve`` (the implicit rules)."""
+        matvec, b, narrow = _in_float32(matvec, b)
         b, init, ridge = self._prepare(matvec, b, init, ridge)
         mv = _cast_like(matvec, b)
-        return self._run(mv if self.adaptive else _damped(mv, ridge), b, init, ridge)
+        x, stats = self._run(mv if self.adaptive else _damped(mv, ridge), b, init, ridge)
+        return narrow(x), stats
 
     def _solve_auto(self, matvec, b, x0, bnorm, ridge):  # pragma: no cover - CG overrides
         raise NotImplementedError
 
     def _solve(self, matvec, b, x0, bnorm):  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def _is_narrow(leaf: Any) -> bool:
+    dtype = jnp.result_type(leaf)
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4
+
+
+def _in_float32(matvec: Matvec, b: PyTree) -> tuple[Matvec, PyTree, Callable]:
+    """Mixed precision: a system with bfloat16/float16 leaves in ``b`` is solved in float32.
+
+    ``b``, the warm start, the iterates and the residuals are float32; ``matvec`` still gets
+    vectors in the dtypes of ``b`` (its domain, e.g. a Hessian-vector product of a bfloat16
+    model) and its outputs are cast up; ``x`` is returned in the dtypes of ``b``. Returns the
+    wrapped ``matvec``, the widened ``b`` and the cast back (identities for other systems).
+    """
+    if not any(_is_narrow(leaf) for leaf in jax.tree.leaves(b)):
+        return matvec, b, lambda x: x
+    b = jax.tree.map(jnp.asarray, b)
+    dtypes = jax.tree.map(jnp.result_type, b)
+    back = lambda x: jax.tree.map(lambda a, d: jnp.asarray(a, d), x, dtypes)
+    wide = jax.tree.map(lambda a: a.astype(jnp.promote_types(a.dtype, jnp.float32)), b)
+    return lambda v: matvec(back(v)), wide, back
 
 
 def _cast_like(matvec: Matvec, b: PyTree) -> Matvec:

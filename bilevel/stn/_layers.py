@@ -120,11 +120,27 @@ class _StnBase(nnx.Module):
                 f"{type(self).__name__}: hnet must have shape ({self.num_hparams},) (shared) or "
                 f"(batch, {self.num_hparams}) (per example), got {hnet.shape}"
             )
-        (hnet, v_mat) = _promote_dtype((hnet, self.hnet_kernel[...]), dtype=dtype)
+        # The gates are computed in at least float32 (a small product; it carries the
+        # hypergradient to hnet), then cast to the computation dtype when there is one.
+        wide = jnp.promote_types(jnp.result_type(hnet, self.hnet_kernel[...]), jnp.float32)
+        (hnet, v_mat) = _promote_dtype((hnet, self.hnet_kernel[...]), dtype=wide)
         uv = hnet @ v_mat
+        if dtype is not None:
+            uv = uv.astype(dtype)
         if self.use_bias:
             return uv[..., : self.out_features], uv[..., self.out_features :]
         return uv, None
+
+    def _compute_dtype(self, x, *params) -> Any:
+        """The computation dtype: ``dtype``, else the promoted dtype of ``x`` and the weights
+        (not of ``hnet``), so bfloat16 inputs and weights give bfloat16 activations even when
+        ``hnet`` (from float32 hyperparameters) is float32."""
+        dtype = self.dtype
+        if dtype is None:
+            dtype = jnp.result_type(x, *params)
+            if not jnp.issubdtype(dtype, jnp.inexact):
+                dtype = jnp.promote_types(jnp.float32, dtype)
+        return dtype
 
     def effective_bias(self, hnet: jax.typing.ArrayLike) -> jax.Array | None:
         r"""Effective bias :math:`b_e + v \odot b_r`, shape ``(out,)`` or ``(batch, out)``.
@@ -247,7 +263,10 @@ class StnLinear(_StnBase):
       out_features: output size.
       num_hparams: size of the hyperparameter features ``hnet``.
       use_bias: add ``b_e + v * b_r``.
-      dtype: computation dtype (default: promoted from inputs and parameters).
+      dtype: computation dtype (default: promoted from ``x`` and the weights; ``hnet``, which
+        comes from float32 hyperparameters, does not widen it: the gates
+        :math:`V^\top \mathrm{hnet}` are computed in at least float32 and cast to it, so
+        bfloat16 inputs and weights give bfloat16 activations).
       param_dtype: parameter dtype.
       precision: matmul precision.
       kernel_init: initializer of ``W_e`` and ``W_r`` (drawn independently).
@@ -328,7 +347,13 @@ class StnLinear(_StnBase):
             raise ValueError(
                 f"StnLinear: input must have shape (..., {self.in_features}), got {x.shape}"
             )
-        u, v = self._gates(hnet, self.dtype)
+        weights = [self.kernel[...]]
+        weights += (
+            [self.response_kernel[...]]
+            if self.response_rank is None
+            else [self.response_left[...], self.response_right[...]]
+        )
+        u, v = self._gates(hnet, self._compute_dtype(x, *weights))
         if u.ndim == 1:
             # Shared hyperparameters: one effective kernel, one matmul.
             x, k_e, k_r = _promote_dtype(
@@ -484,10 +509,9 @@ class StnConv(_StnBase):
                 f"StnConv: input must have shape (batch, {rank} spatial dims, "
                 f"{self.in_features}), got {x.shape}"
             )
-        u, v = self._gates(hnet, self.dtype)
-        x, k_e, k_r = _promote_dtype(
-            (x, self.kernel[...], self.response_kernel[...]), dtype=self.dtype
-        )
+        dtype = self._compute_dtype(x, self.kernel[...], self.response_kernel[...])
+        u, v = self._gates(hnet, dtype)
+        x, k_e, k_r = _promote_dtype((x, self.kernel[...], self.response_kernel[...]), dtype=dtype)
         if u.ndim == 1:
             y = self._conv(x, k_e + u * k_r)
             if self.use_bias:

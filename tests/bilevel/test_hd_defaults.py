@@ -175,10 +175,12 @@ def test_defaults_do_not_hurt_a_good_rate(digits_runs, pixels):
 def test_sgd_default_needs_a_bound_where_curvature_rises():
     """A documented limit: Rosenbrock from (0, 0) with SGD directions (not normalized).
 
-    Along the valley the directions agree and the default rule grows the rate past the
-    stability limit (2 (1 + mu) / 1000 near the minimum) before the curvature rises; the
-    iterate blows up, its gradient overflows and every later step is skipped. An upper bound
-    on the rate (``lr_bounds``) prevents it; Adam's normalized direction does not need one.
+    Along the valley the directions agree and the rule grows the rate past the stability
+    limit (2 (1 + mu) / 1000 near the minimum) before the curvature rises; the iterate blows
+    up, its gradient overflows and every later step is skipped: plain SGD, and heavy ball
+    without the safeguards (with them, the overshoot cut brings heavy ball back in time). An
+    upper bound on the rate (``lr_bounds``) prevents it; Adam's normalized direction does not
+    need one.
     """
 
     def run(tx):
@@ -194,8 +196,50 @@ def test_sgd_default_needs_a_bound_where_curvature_rises():
         )
         return float(objective(p)), int(s.skipped)
 
-    assert run(bilevel.hd_sgd(1e-3, momentum=0.9))[1] > 0  # diverged, then stuck
+    assert run(bilevel.hd_sgd(1e-3))[1] > 0  # diverged, then stuck
+    assert run(bilevel.hd_sgd(1e-3, momentum=0.9, safeguards=False))[1] > 0
+    # heavy ball: the overshoot safeguard catches it in time
+    loss, skipped = run(bilevel.hd_sgd(1e-3, momentum=0.9))
+    assert loss < 1e-6 and skipped == 0
     loss, skipped = run(bilevel.hd_sgd(1e-3, momentum=0.9, lr_bounds=(None, 2e-3)))
     assert loss < 1e-6 and skipped == 0
     loss, skipped = run(bilevel.hd_adam(1e-2))
     assert loss < 1e-6 and skipped == 0
+
+
+# ----------------------------------------------------------------------------- safeguards
+
+
+@pytest.mark.parametrize("factory", [bilevel.hd_adam, bilevel.hd_sgd])
+def test_a_rate_too_small_to_move_the_parameters_still_grows(factory):
+    """Parameters at 1e4 in float32 (spacing 1e-3), a constant gradient, steps of 1e-6: nothing
+    moves, g_t repeats and the cosine is 1. The rate must grow until the steps count (a rule
+    that ignored steps below float resolution would freeze it here for ever)."""
+    params = jnp.full(3, 1e4, jnp.float32)
+    grads = jnp.ones(3, jnp.float32)
+    state, p = (tx := factory(1e-6)).init(params), params
+    for _ in range(30):
+        updates, state = tx.update(grads, state, p)
+        p = optax.apply_updates(p, updates)
+    assert float(optax.tree_utils.tree_get(state, "learning_rate")) > 10 * 1e-6
+
+
+def test_overshoot_cuts_the_rate_by_up_to_half():
+    """On w^2 / 2 a rate of 3 (SGD) reverses every step: cos = -1, factor 1/2 (0.9 without).
+
+    (Adam's smoothed direction is covered by the NumPy transcription in test_hd.py.)
+    """
+    loss = lambda w: 0.5 * jnp.sum(w**2)
+    factory, lr0 = bilevel.hd_sgd, 3.0
+
+    def rates(tx):
+        w, state, out = jnp.array([1.0, -2.0]), tx.init(jnp.array([1.0, -2.0])), []
+        for _ in range(3):
+            updates, state = tx.update(jax.grad(loss)(w), state, w)
+            w = optax.apply_updates(w, updates)
+            out.append(float(optax.tree_utils.tree_get(state, "learning_rate")))
+        return np.array(out)
+
+    guarded, paper = rates(factory(lr0)), rates(factory(lr0, safeguards=False))
+    np.testing.assert_allclose(paper[1:] / paper[:-1], 0.9, rtol=1e-5)
+    np.testing.assert_allclose(guarded[1:] / guarded[:-1], 0.5, rtol=1e-5)
