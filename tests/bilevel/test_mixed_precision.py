@@ -5,11 +5,7 @@ the hd rule's accumulators and linear-solve vectors are float32 whatever the par
 only parameters, activations and the updates applied to them are bfloat16.
 """
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +18,7 @@ import bilevel
 import solvers
 from bilevel import hparams as hp
 from bilevel import stn
+from tests._docs_examples import ROOT, run_example
 
 F32, BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
 
@@ -303,27 +300,10 @@ def test_stn_trainer_bfloat16_model_keeps_hyperparameters_float32():
 
 
 def test_the_docs_example_runs_as_written():
-    root = Path(__file__).resolve().parents[2]
-    page = (root / "docs" / "mixed_precision.md").read_text()
-    section = re.search(
-        r"<!-- --8<-- \[start:bf16\] -->\n```python\n(.*?)```\n<!-- --8<-- \[end:bf16\] -->",
-        page,
-        re.S,
-    )
-    assert section, "docs/mixed_precision.md lost its bf16 example"
-    code = section.group(1)
-    assert len(code.splitlines()) <= 30
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "params bfloat16, hyperparameters float32, hd learning rate float32" in proc.stdout
-    numbers = [float(v) for v in re.findall(r"\d+\.\d+", proc.stdout)]
+    page = (ROOT / "docs" / "mixed_precision.md").read_text()
+    stdout = run_example("mixed_precision.md", "bf16", max_lines=30)
+    assert "params bfloat16, hyperparameters float32, hd learning rate float32" in stdout
+    numbers = [float(v) for v in re.findall(r"\d+\.\d+", stdout)]
     cosine, loss32, loss16 = numbers
     assert cosine >= 0.99 and loss16 == pytest.approx(loss32, rel=0.05)
     printed = re.search(r"It prints .*?\n\n```text\n(.*?)```", page, re.S)

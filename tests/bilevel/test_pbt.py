@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ import bilevel
 import solvers
 from bilevel import hparams as H
 from bilevel import pbt
+from tests._docs_examples import run_example
 
 ROOT = Path(__file__).resolve().parents[2]
 D = 5
@@ -559,20 +559,5 @@ def test_a_population_sharded_over_4_devices_equals_one_device():
 
 
 def test_the_docs_example_runs_and_prints_its_result():
-    text = (ROOT / "docs" / "pbt.md").read_text()
-    match = re.search(r"<!-- --8<-- \[start:pbt\] -->\n```python\n(.*?)```", text, re.S)
-    assert match, "docs/pbt.md lost its example"
-    block = match.group(1)
-    assert len(block.splitlines()) < 30
-    env = dict(os.environ, BILEVEL_NO_PROGRESS="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-c", block],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    out = run_example("pbt.md", "pbt", max_lines=29)
     assert out.startswith("val loss ") and "members replaced" in out and "nan" not in out, out

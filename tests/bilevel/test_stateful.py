@@ -8,8 +8,6 @@ seen by the outer loss (whose own update of it is discarded).
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -23,6 +21,7 @@ import bilevel
 import solvers
 from bilevel import hparams as H
 from bilevel import stn
+from tests._docs_examples import run_example
 from tests.bilevel import test_tuner_contract as contract
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -501,26 +500,10 @@ def test_clear_errors_for_convention_mix_ups():
 
 def test_the_docs_example_runs_as_written():
     page = (ROOT / "docs" / "stateful.md").read_text()
-    section = re.search(
-        r"<!-- --8<-- \[start:batchnorm\] -->\n```python\n(.*?)```\n<!-- --8<-- \[end:batchnorm\] -->",
-        page,
-        re.S,
-    )
-    assert section, "docs/stateful.md lost its batchnorm example"
-    code = section.group(1)
-    assert len(code.splitlines()) < 35
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = run_example("stateful.md", "batchnorm", max_lines=34)
     numbers = lambda text: [float(v) for v in re.findall(r"\d+\.\d+(?:e[-+]\d+)?", text)]
-    got = numbers(proc.stdout)  # loss before, loss after, weight decay, largest change of a mean
-    assert len(got) == 4, proc.stdout
+    got = numbers(stdout)  # loss before, loss after, weight decay, largest change of a mean
+    assert len(got) == 4, stdout
     assert got[1] < got[0] and got[3] > 0.01 and got[2] != pytest.approx(1e-3)
     # The page shows what it prints (to the rounding of another machine).
     printed = re.search(r"It prints .*?\n\n```text\n(.*?)```", page, re.S)

@@ -1,6 +1,7 @@
 """Gauss-Newton curvature (solvers.GaussNewton) and automatic damping (solvers.cg(ridge="auto"))."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pytest
 
 import bilevel
 import solvers
+from tests._docs_examples import ROOT, run_example
 
 # ----------------------------------------------------------------------------- tiny problems
 
@@ -334,31 +336,9 @@ def test_gauss_newton_with_batchnorm_state():
 
 
 def test_the_docs_example_runs_as_written():
-    import pathlib
-    import re
-    import subprocess
-    import sys
-
-    root = pathlib.Path(__file__).resolve().parents[2]
-    page = (root / "docs" / "curvature.md").read_text()
-    section = re.search(
-        r"<!-- --8<-- \[start:ggn\] -->\n```python\n(.*?)```\n<!-- --8<-- \[end:ggn\] -->",
-        page,
-        re.S,
-    )
-    assert section, "docs/curvature.md lost its Gauss-Newton example"
-    code = section.group(1)
-    assert len(code.splitlines()) <= 30
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    status, wd = re.fullmatch(r"(\w+) wd = (\S+)\n", proc.stdout).groups()
+    page = (ROOT / "docs" / "curvature.md").read_text()
+    stdout = run_example("curvature.md", "ggn", max_lines=30)
+    status, wd = re.fullmatch(r"(\w+) wd = (\S+)\n", stdout).groups()
     assert status == "SUCCESS" and float(wd) != pytest.approx(0.01, rel=1e-3)
     printed = re.search(r"It prints\n\n```text\n(.*?)```", page, re.S)
     assert printed, "docs/curvature.md lost the example's output"

@@ -13,10 +13,6 @@ point).
 from __future__ import annotations
 
 import functools
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -27,6 +23,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import solvers
+from tests._docs_examples import run_example
 
 ROOT = Path(__file__).resolve().parents[2]
 # XLA's fast-compile options on CPU (programs compile several times faster, run slower; the
@@ -295,17 +292,5 @@ def test_meta_gradient_does_not_retrace_across_calls():
 
 def test_the_docs_example_runs():
     """The runnable example of ``docs/tasks.md`` (between its snippet markers) prints a result."""
-    text = (ROOT / "docs" / "tasks.md").read_text()
-    section = re.search(
-        r"<!-- --8<-- \[start:tasks\] -->(.*?)<!-- --8<-- \[end:tasks\] -->", text, re.S
-    )
-    assert section, "docs/tasks.md lost its tasks snippet markers"
-    (block,) = re.findall(r"^```python\n(.*?)^```", section.group(1), re.S | re.M)
-    assert len(block.splitlines()) < 30
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-c", block], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() and "nan" not in proc.stdout.lower(), proc.stdout
+    out = run_example("tasks.md", "tasks", max_lines=29)
+    assert "nan" not in out.lower(), out

@@ -1,0 +1,37 @@
+"""Run the Python example between a docs page's snippet markers, as a reader would."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_example(page: str, marker: str, max_lines: int = 30) -> str:
+    """Run ``docs/<page>``'s ``python`` block between ``[start:<marker>]`` and ``[end:<marker>]``.
+
+    In a fresh interpreter from the repository root (CPU, no progress bars); fails when the
+    block is missing, longer than ``max_lines``, exits non-zero or prints nothing. Returns its
+    standard output.
+    """
+    text = (ROOT / "docs" / page).read_text()
+    section = re.search(
+        rf"<!-- --8<-- \[start:{marker}\] -->(.*?)<!-- --8<-- \[end:{marker}\] -->", text, re.S
+    )
+    assert section, f"docs/{page} lost its {marker!r} snippet markers"
+    blocks = re.findall(r"^```python\n(.*?)^```", section.group(1), re.S | re.M)
+    assert len(blocks) == 1, f"docs/{page}: expected one python block in {marker!r}"
+    code = blocks[0]
+    assert len(code.splitlines()) <= max_lines, f"docs/{page}'s example is over {max_lines} lines"
+    env = dict(os.environ, BILEVEL_NO_PROGRESS="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip(), f"docs/{page}'s example prints nothing"
+    return proc.stdout
