@@ -575,10 +575,15 @@ def test_schedule_multiplies_the_adapted_rate():
 def test_warmup_from_zero_schedule_runs():
     tx = bilevel.hd_adam(optax.linear_schedule(0.0, 1e-2, 20), 1e-3)
     initial, _, objective = parabola(jnp.float32)
+
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(jax.grad(objective)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
     params, state = initial, tx.init(initial)
     for _ in range(500):
-        updates, state = tx.update(jax.grad(objective)(params), state, params)
-        params = optax.apply_updates(params, updates)
+        params, state = step(params, state)
     assert int(state.skipped) == 0 and float(state.learning_rate) > 0
     assert float(objective(params)) < float(objective(initial))
 
