@@ -88,10 +88,10 @@ def _problem(net=MLP):
 
 def _tuner(inner, outer, method=None, inner_steps=3, **kw):
     kw.setdefault("outer_optimizer", optax.set_to_zero())  # fixed hyperparameters
+    kw.setdefault("inner_optimizer", optax.sgd(**SGD))
     return bilevel.BilevelOptimizer(
         inner,
         outer,
-        inner_optimizer=optax.sgd(**SGD),
         space={"wd": H.real(1e-3)},
         method=solvers.Implicit(linear_solver=solvers.cg(maxiter=5, ridge=1.0))
         if method is None
@@ -271,6 +271,38 @@ def test_other_methods_thread_the_same_state(method):
     after, metrics = jax.jit(opt.step)(state, batches, VAL)
     assert bool(jnp.isfinite(metrics["hypergrad_norm"])) and int(metrics["skipped"]) == 0
     _close(after.model_state, _plain_loop(inner, params, state0, batches)[1])
+
+
+def test_validation_driven_hd_rate_sees_the_current_model_state():
+    """``inner_hyper_grads=True``: each inner step's ``hyper_grads`` is the outer (eval-mode)
+    gradient at the current weights *and running statistics*, as in a hand-written loop (with
+    the initial statistics instead, the parameters differ by 4%)."""
+    _, params, state0, inner, outer = _problem()
+    opt = _tuner(inner, outer, inner_optimizer=bilevel.hd_adam(1e-2), inner_hyper_grads=True)
+    state = opt.init(params, model_state=state0)
+    batches, _ = opt.sample_batches(state, TRAIN, VAL, 16)
+    after, metrics = jax.jit(opt.step)(state, batches, VAL)
+    assert int(metrics["skipped"]) == 0 and int(metrics["inner_skipped"]) == 0
+
+    tx, h = bilevel.hd_adam(1e-2), {"wd": jnp.asarray(1e-3, jnp.float32)}
+
+    @jax.jit
+    def loop(p, s):
+        o = tx.init(p)
+        for t in range(3):
+            b = jax.tree.map(lambda a, t=t: a[t], batches)
+            (_, new_s), g = jax.value_and_grad(inner, has_aux=True)(p, h, b, s)
+            hg = jax.grad(lambda q, s=s: outer(q, h, VAL, s)[0])(p)
+            u, o = tx.update(g, o, p, hyper_grads=hg)
+            p, s = optax.apply_updates(p, u), new_s
+        return p, s, o
+
+    p, s, o = loop(params, state0)
+    _close(after.params, p, 1e-5, 1e-7)
+    _close(after.model_state, s, 1e-5, 1e-7)
+    lr = optax.tree_utils.tree_get(after.inner_state, "learning_rate")
+    np.testing.assert_allclose(lr, optax.tree_utils.tree_get(o, "learning_rate"), rtol=1e-5)
+    assert float(lr) != pytest.approx(1e-2)
 
 
 # ----------------------------------------------------------------------------- every method
