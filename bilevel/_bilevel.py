@@ -23,6 +23,7 @@ from flax import nnx
 
 import solvers
 from bilevel import hparams as hp
+from bilevel._outer import group_adam
 from solvers import checks
 from solvers import tree as T
 
@@ -603,8 +604,6 @@ class BilevelOptimizer:
             if not callable(fn):
                 raise TypeError(f"{name} must be a callable {signature}, got {fn!r}")
         if outer_optimizer is None:
-            from bilevel._outer import group_adam
-
             outer_optimizer = group_adam()
         if not isinstance(inner_hyper_grads, bool | np.bool_):
             raise TypeError(f"inner_hyper_grads must be a bool, got {inner_hyper_grads!r}")

@@ -52,9 +52,10 @@ def test_zero_momentum_is_a_zero_update_and_bad_input_is_an_error():
     bilevel.normalized_momentum(np.float32(0.1), beta=np.float64(0.5))  # NumPy scalars are numbers
 
 
-def test_as_the_outer_optimizer_per_layer_decays_separate():
-    """Two decays with hypergradients of very different sizes: normalized momentum moves them
-    by different amounts, Adam by about the same."""
+def _two_decay_moves(**outer_optimizer):
+    """``|log wd - log 0.1|`` of two decays after 20 Forward-mode outer steps on a quadratic
+    whose decays get hypergradients of very different sizes (``outer_optimizer=`` omitted: the
+    default); the final state is the second output."""
     rng = np.random.RandomState(1)
     X = jnp.asarray(rng.randn(64, 6), jnp.float32)
     y = X @ jnp.asarray([3.0, 3.0, 3.0, 0.0, 0.0, 0.0]) + 0.5 * jnp.asarray(rng.randn(64))
@@ -68,18 +69,25 @@ def test_as_the_outer_optimizer_per_layer_decays_separate():
     def outer(w, h, b):
         return jnp.mean((b[0] @ w - b[1]) ** 2)
 
-    moves = {}
-    for name, tx in (("nm", bilevel.normalized_momentum(0.05)), ("adam", optax.adam(0.05))):
-        opt = bilevel.BilevelOptimizer(
-            inner, outer, inner_optimizer=optax.sgd(0.05), outer_optimizer=tx,
-            space={"wd": bilevel.hparams.log(jnp.full(2, 0.1))},
-            method=bilevel.Forward(), inner_steps=5,
-        )  # fmt: skip
-        state = opt.init(jnp.zeros(6))
-        step = jax.jit(opt.step)
-        for _ in range(20):
-            state, _ = step(state, (X[None], y[None]), (Xv, yv))
-        moves[name] = np.abs(np.log(np.asarray(opt.hparams(state)["wd"])) - np.log(0.1))
+    opt = bilevel.BilevelOptimizer(
+        inner, outer, inner_optimizer=optax.sgd(0.05),
+        space={"wd": bilevel.hparams.log(jnp.full(2, 0.1))},
+        method=bilevel.Forward(), inner_steps=5, **outer_optimizer,
+    )  # fmt: skip
+    state = opt.init(jnp.zeros(6))
+    step = jax.jit(opt.step)
+    for _ in range(20):
+        state, _ = step(state, (X[None], y[None]), (Xv, yv))
+    return np.abs(np.log(np.asarray(opt.hparams(state)["wd"])) - np.log(0.1)), state
+
+
+def test_as_the_outer_optimizer_per_layer_decays_separate():
+    """Two decays with hypergradients of very different sizes: normalized momentum moves them
+    by different amounts, Adam by about the same."""
+    moves = {
+        name: _two_decay_moves(outer_optimizer=tx)[0]
+        for name, tx in (("nm", bilevel.normalized_momentum(0.05)), ("adam", optax.adam(0.05)))
+    }
     ratio = lambda m: max(m) / max(min(m), 1e-12)
     assert ratio(moves["nm"]) > 3.0 * ratio(moves["adam"]), moves
 
@@ -169,28 +177,6 @@ def test_group_adam_is_the_default_outer_optimizer_and_separates_per_layer_decay
     different amounts, as normalized momentum does and Adam does not."""
     from bilevel import GroupAdamState
 
-    rng = np.random.RandomState(1)
-    X = jnp.asarray(rng.randn(64, 6), jnp.float32)
-    y = X @ jnp.asarray([3.0, 3.0, 3.0, 0.0, 0.0, 0.0]) + 0.5 * jnp.asarray(rng.randn(64))
-    Xv = jnp.asarray(rng.randn(64, 6), jnp.float32)
-    yv = Xv @ jnp.asarray([3.0, 3.0, 3.0, 0.0, 0.0, 0.0])
-
-    def inner(w, h, b):
-        fit = jnp.mean((b[0] @ w - b[1]) ** 2)
-        return fit + h["wd"][0] * jnp.sum(w[:3] ** 2) + h["wd"][1] * jnp.sum(w[3:] ** 2)
-
-    def outer(w, h, b):
-        return jnp.mean((b[0] @ w - b[1]) ** 2)
-
-    opt = bilevel.BilevelOptimizer(
-        inner, outer, inner_optimizer=optax.sgd(0.05),
-        space={"wd": bilevel.hparams.log(jnp.full(2, 0.1))},
-        method=bilevel.Forward(), inner_steps=5,
-    )  # fmt: skip
-    state = opt.init(jnp.zeros(6))
+    moves, state = _two_decay_moves()
     assert isinstance(state.outer_state, GroupAdamState)
-    step = jax.jit(opt.step)
-    for _ in range(20):
-        state, _ = step(state, (X[None], y[None]), (Xv, yv))
-    moves = np.abs(np.log(np.asarray(opt.hparams(state)["wd"])) - np.log(0.1))
     assert max(moves) > 3.0 * min(moves), moves
