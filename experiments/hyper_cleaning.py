@@ -53,7 +53,6 @@ from flax import nnx
 import bilevel
 import solvers
 from bilevel import hparams as H
-from bilevel._fit import EarlyStopping
 from experiments import _common
 
 METHODS = ("implicit", "soba", "truncated")
@@ -234,7 +233,9 @@ def prepare_bilevel(model, method_name, args, cfg, space, val, test, corrupted, 
 
     heldout_loss = jax.jit(lambda p: cfg["outer_loss"](p, None, heldout)) if heldout else None
     stop = (
-        EarlyStopping(lambda s: heldout_loss(s.params), patience=args.patience) if heldout else None
+        bilevel.EarlyStopping(lambda s: heldout_loss(s.params), patience=args.patience)
+        if heldout
+        else None
     )
 
     def run(bar) -> dict[str, Any]:
