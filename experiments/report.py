@@ -40,6 +40,7 @@ EXPERIMENTS = (
     "bench_stn",
     "bench_bilevel",
     "bench_population",
+    "bench_gpu",
     "bench_scale",
     "bench_bilevel_methods",
     "fedhyper",
