@@ -61,7 +61,7 @@ def _commands(device: str, smoke: bool) -> dict[str, list[tuple[str, list[str]]]
                 ],
             )
         ],
-        "stn": [("bench_stn", []), ("bench_stn", ["--response-rank", "8"])],
+        "stn": [("bench_stn", [])],  # full and rank-8 responses, with the breakdown
         "population": [("bench_population", ["--device", device])],
     }
 

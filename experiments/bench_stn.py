@@ -4,14 +4,22 @@ An epoch is ``--batches`` minibatches of ``--batch-size`` (default 40 x 128). Th
 them as ``batches / 5`` cycles of ``Trainer.step`` (5 train steps at per-example perturbed
 hyperparameters + 1 hyper step each, i.e. 20% extra validation steps); the plain epoch runs the
 same train steps on the same MLP built from ``nnx.Linear``, with the same dropout and input noise
-at fixed rates. Both are one jitted ``lax.scan`` per epoch, compiled beforehand, timed
-interleaved; the ratio of medians is printed. PRNG keys are JAX's default (threefry), as in
-user code. A per-example best-response layer does two matmuls (``W_e`` and ``W_r``) where a plain
-layer does one, so about 2x is expected; target <= 2.2x. On a shared CPU the ratio moves by about
-0.1 from run to run.
+at fixed rates. Every epoch is one jitted ``lax.scan``, compiled beforehand, timed interleaved
+(the order rotates from round to round); the ratio of medians is printed. PRNG keys are JAX's
+default (threefry), as in user code.
 
-    python -m experiments.bench_stn               # MLP 64-256-256-10
-    python -m experiments.bench_stn --model cnn   # the stn_mnist_cnn network
+Where the time goes: for every response kernel in ``--ranks`` (the full ``W_r``, and a rank-8
+``W_r = P Q`` by default) three programs are timed: ``Trainer.fit`` (one chunk per epoch, what a
+user runs), the same cycles as one jitted scan of ``sample_batches`` + ``step`` (no host loop), and
+the cycles' train steps alone. Their differences split the STN epoch, in plain epochs, into the
+perturbed train steps, the hyper steps and ``fit``'s host loop (table, stacked-bar plot).
+A per-example full response layer does two matmuls (``W_e`` and ``W_r``) where a plain layer does
+one, so about 2x is expected (target <= 2.2x); rank 8 replaces the second by ``r (in + out)``
+multiply-adds (target <= 1.5x). On a shared CPU the ratios move by about 0.1 from run to run.
+
+    python -m experiments.bench_stn               # MLP 64-256-256-10, full and rank-8 responses
+    python -m experiments.bench_stn --ranks full  # the full response only
+    python -m experiments.bench_stn --model cnn   # the stn_mnist_cnn network (full response)
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from experiments import _common
 
 NAME = "bench_stn"
 TARGET = 2.2  # STN epoch / plain epoch
+TARGET_LOW_RANK = 1.5  # with low-rank responses
 
 
 def _models(kind, width, response_rank=None):
@@ -55,6 +64,58 @@ def _models(kind, width, response_rank=None):
     )
 
 
+def _stn_programs(trainer, data, val, batch_size, cycles, seed):
+    """Three timed epochs of one trainer, each a callable that advances its own state.
+
+    ``fit``: ``Trainer.fit`` with one chunk per epoch (what a user runs); ``scan``: the same
+    cycles of ``sample_batches`` + ``step`` as one jitted ``lax.scan`` (no host loop);
+    ``inner``: only the cycles' train steps (the trainer's own inner loop, no hyper step). The
+    differences attribute the epoch: train steps, hyper steps, the host side of ``fit``.
+    """
+    from bilevel.stn._methods import _Reads  # the profile reaches into the trainer's cycle
+
+    def inner_only(state):
+        inner_batches, _ = trainer.sample_batches(state, data, val, batch_size)
+        keys = jax.random.split(trainer._cycle_key(state), trainer.inner_steps)
+        inner = trainer._inner(state, inner_batches, keys, _Reads(trainer._names))
+        return state._replace(
+            params=inner.params,
+            model_state=inner.model_state,
+            inner_state=inner.inner_state,
+            inner_skipped=inner.skipped,
+            step=state.step + 1,
+        )
+
+    def full_cycle(state):
+        return trainer.step(state, *trainer.sample_batches(state, data, val, batch_size))[0]
+
+    def scanned(cycle):
+        @jax.jit
+        def epoch(state):
+            return jax.lax.scan(lambda s, _: (cycle(s), None), state, None, length=cycles)[0]
+
+        return epoch
+
+    def fit_epoch(state):
+        return trainer.fit(
+            state, data, val, steps=cycles, batch_size=batch_size, chunk=cycles, progress=False
+        )[0]
+
+    programs = {}
+    for part, fn in (
+        ("fit", fit_epoch),
+        ("scan", scanned(full_cycle)),
+        ("inner", scanned(inner_only)),
+    ):
+        box = [trainer.init(key=jax.random.key(seed))]
+
+        def run(fn=fn, box=box):
+            box[0] = jax.block_until_ready(fn(box[0]))
+
+        programs[part] = run
+    return programs
+
+
 def main(argv=None):
     wall = time.perf_counter()
     parser = _common.make_parser(NAME, __doc__.split("\n\n")[0])
@@ -62,55 +123,62 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=256, help="hidden units (mlp) / channels")
     parser.add_argument("--batch-size", type=int, default=128, help="examples per train step")
     parser.add_argument("--batches", type=int, default=40, help="train steps per epoch")
-    parser.add_argument("--reps", type=int, default=15, help="timed epochs of each network")
+    parser.add_argument("--reps", type=int, default=15, help="timed epochs of each program")
     parser.add_argument(
-        "--response-rank",
-        type=int,
+        "--ranks",
         default=None,
-        help="low-rank response kernels W_r = P Q of this rank (mlp only; default: full)",
+        help="comma-separated response kernels to time: full, or a rank r (W_r = P Q; mlp only)"
+        " (default: full,8 for mlp, full for cnn)",
     )
     args = parser.parse_args(argv)
-    if args.response_rank is not None and args.model != "mlp":
-        parser.error("--response-rank applies to --model mlp only")
-    if args.smoke:
-        args.width, args.batches, args.reps = 32, 5, 3
+    if args.ranks is None:
+        args.ranks = "full,8" if args.model == "mlp" else "full"
+    ranks = []
+    for item in (t.strip() for t in args.ranks.split(",") if t.strip()):
+        if item == "full":
+            ranks.append(None)
+        elif item.isdigit() and int(item) > 0:
+            ranks.append(int(item))
+        else:
+            parser.error(f"--ranks: {item!r} is neither 'full' nor a positive integer")
+    if not ranks:
+        parser.error("--ranks names no response kernel")
+    if args.model != "mlp" and any(r is not None for r in ranks):
+        parser.error("--ranks: low-rank responses apply to --model mlp only (use --ranks full)")
+    if args.smoke:  # one response kernel: its three programs and the plain one compile
+        args.width, args.batches, args.reps, ranks = 32, 5, 3, ranks[:1]
     if args.batches % 5:
         parser.error("--batches must be a multiple of 5 (train steps per STN cycle)")
     out = _common.results_dir(args)
     quiet = args.no_progress
-    make_stn, make_plain, shape, space, losses, plain_loss = _models(
-        args.model, args.width, args.response_rank
-    )
 
     n = args.batches * args.batch_size
     rs = np.random.RandomState(args.seed)
+    shape = (64,) if args.model == "mlp" else (28, 28, 1)
     x = jnp.asarray(rs.rand(n, *shape), jnp.float32)
     y = jnp.asarray(rs.randint(0, 10, n), jnp.int32)
     val = (x[: 4 * args.batch_size], y[: 4 * args.batch_size])
-
-    # --- STN: Trainer.fit, one chunk = one epoch.
-    trainer = stn.Trainer(
-        make_stn(nnx.Rngs(jax.random.key(args.seed))),
-        *losses,
-        space=space,
-        inner_optimizer=optax.adam(1e-3),
-        outer_optimizer=optax.adam(3e-3),
-        inner_steps=5,
-    )
     cycles = args.batches // 5
-    state = trainer.init(key=jax.random.key(args.seed))
 
-    def stn_epoch(state):
-        state, _ = trainer.fit(
-            state,
-            (x, y),
-            val,
-            steps=cycles,
-            batch_size=args.batch_size,
-            chunk=cycles,
-            progress=False,
+    # --- STN programs, one set per response kernel: Trainer.fit, one chunk = one epoch.
+    programs = {}
+    labels = {}
+    for rank in ranks:
+        make_stn, make_plain, _, space, losses, plain_loss = _models(args.model, args.width, rank)
+        trainer = stn.Trainer(
+            make_stn(nnx.Rngs(jax.random.key(args.seed))),
+            *losses,
+            space=space,
+            inner_optimizer=optax.adam(1e-3),
+            outer_optimizer=optax.adam(3e-3),
+            inner_steps=5,
         )
-        return jax.block_until_ready(state)
+        label = "full" if rank is None else f"rank {rank}"
+        labels[label] = rank
+        for part, run in _stn_programs(
+            trainer, (x, y), val, args.batch_size, cycles, args.seed
+        ).items():
+            programs[(label, part)] = run
 
     # --- plain network, same regularizers at fixed rates.
     graphdef, params = nnx.split(make_plain(nnx.Rngs(jax.random.key(args.seed))))
@@ -140,92 +208,139 @@ def main(argv=None):
         (p, s), _ = jax.lax.scan(body, (p, s), (batches, jnp.arange(args.batches)))
         return p, s, key, step + 1
 
-    plain = (params, tx.init(params), jax.random.key(args.seed), jnp.int32(0))
+    plain_box = [(params, tx.init(params), jax.random.key(args.seed), jnp.int32(0))]
 
-    def plain_epoch(carry):
-        return jax.block_until_ready(plain_epoch_fn(carry))
+    def plain_epoch():
+        plain_box[0] = jax.block_until_ready(plain_epoch_fn(plain_box[0]))
 
-    _common.phase(f"compiling the STN and the plain {args.model} epochs", quiet=quiet)
-    state = stn_epoch(state)
-    plain = plain_epoch(plain)
-    t_stn, t_plain = [], []
-    for _ in _common.progress(range(args.reps), desc=NAME, unit="rep", disable=quiet):
-        t0 = time.perf_counter()
-        state = stn_epoch(state)
-        t_stn.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        plain = plain_epoch(plain)
-        t_plain.append(time.perf_counter() - t0)
-    med_stn, med_plain = statistics.median(t_stn), statistics.median(t_plain)
-    ratio = med_stn / med_plain
+    programs[("plain", "plain")] = plain_epoch
+    names = list(programs)
+    _common.phase(f"compiling {len(names)} {args.model} epoch programs", quiet=quiet)
+    for name in names:
+        programs[name]()
+    times = {name: [] for name in names}
+    for rep in _common.progress(range(args.reps), desc=NAME, unit="rep", disable=quiet):
+        k = rep % len(names)  # rotate the order so that load changes hit every program alike
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            programs[name]()
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    plain = med[("plain", "plain")]
+    setup = f"{args.model} (width {args.width}), epoch of {args.batches} x {args.batch_size}"
+    variants, rows = {}, []
+    for label in labels:
+        fit_t, scan_t, inner_t = (med[(label, p)] for p in ("fit", "scan", "inner"))
+        v = {
+            "epoch_seconds": times[(label, "fit")],
+            "median": fit_t,
+            "ratio": fit_t / plain,
+            "train_steps": inner_t / plain,  # the five perturbed train steps of each cycle
+            "hyper_steps": (scan_t - inner_t) / plain,  # the hyper step of each cycle
+            "fit_host": (fit_t - scan_t) / plain,  # Trainer.fit's host loop and history
+            "scan_ratio": scan_t / plain,
+            "target": TARGET if labels[label] is None else TARGET_LOW_RANK,
+        }
+        variants[label] = v
+        rows.append(
+            {
+                "response": label,
+                "ms_per_epoch": 1e3 * fit_t,
+                "x_plain": v["ratio"],
+                "train_steps_x": v["train_steps"],
+                "hyper_steps_x": v["hyper_steps"],
+                "fit_host_x": v["fit_host"],
+                "target": f"<= {v['target']:g}",
+            }
+        )
+    rows.append(
+        {
+            "response": "plain network",
+            "ms_per_epoch": 1e3 * plain,
+            "x_plain": 1.0,
+            "train_steps_x": 1.0,
+            "hyper_steps_x": 0.0,
+            "fit_host_x": 0.0,
+            "target": "-",
+        }
+    )
+    first = variants[next(iter(labels))]
     record = {
         "model": args.model,
         "width": args.width,
         "batch_size": args.batch_size,
         "batches_per_epoch": args.batches,
-        "stn_epoch_seconds": t_stn,
-        "plain_epoch_seconds": t_plain,
-        "stn_median": med_stn,
-        "plain_median": med_plain,
-        "ratio": ratio,
+        "stn_epoch_seconds": first["epoch_seconds"],
+        "plain_epoch_seconds": times[("plain", "plain")],
+        "stn_median": first["median"],
+        "plain_median": plain,
+        "ratio": first["ratio"],
         "target": TARGET,
+        "variants": variants,
+        "program_seconds": {" ".join(k): v for k, v in times.items()},
         "device": str(jax.devices()[0]),
     }
     _common.save_json(out / f"{NAME}.json", record)
-    setup = f"{args.model} (width {args.width}), epoch of {args.batches} x {args.batch_size}"
-    rows = [
-        {
-            "model": setup,
-            "plain_ms_per_epoch": 1e3 * med_plain,
-            "stn_ms_per_epoch": 1e3 * med_stn,
-            "ratio": ratio,
-            "target": f"<= {TARGET:g}",
-        }
-    ]
     _common.save_csv(out / f"{NAME}.csv", rows)
-    plot(out / f"{NAME}.png", t_plain, t_stn, args.model, setup)
-    _common.print_table(rows, title="wall time per epoch (median of interleaved runs)")
-    print(f"STN / plain ratio: {ratio:.2f}x (target <= {TARGET:g}x)")
-    summary = [
-        {
-            "what": f"STN epoch / plain epoch, {setup}",
-            "result": f"{ratio:.2f}x ({1e3 * med_stn:.0f} ms / {1e3 * med_plain:.0f} ms)",
-            "target": f"<= {TARGET:g}x",
-        }
-    ]
+    plot(out / f"{NAME}.png", variants, plain, args.model, setup)
+    _common.print_table(
+        rows,
+        title=(
+            "wall time per epoch (median of interleaved runs) and where it goes, in plain epochs: "
+            "train steps (5 per cycle, perturbed), hyper steps (1 per cycle), Trainer.fit's host "
+            "loop"
+        ),
+    )
+    summary = []
+    for label, v in variants.items():
+        what = "STN epoch / plain epoch" + ("" if labels[label] is None else f", {label} responses")
+        summary.append(
+            {
+                "what": f"{what}, {setup}",
+                "result": (
+                    f"{v['ratio']:.2f}x ({1e3 * v['median']:.0f} ms / {1e3 * plain:.0f} ms): "
+                    f"train steps {v['train_steps']:.2f}x + hyper steps {v['hyper_steps']:.2f}x "
+                    f"+ fit loop {v['fit_host']:.2f}x"
+                ),
+                "target": f"<= {v['target']:g}x",
+            }
+        )
+        print(f"STN ({label}) / plain ratio: {v['ratio']:.2f}x (target <= {v['target']:g}x)")
     wall = time.perf_counter() - wall
     _common.write_summary(out, NAME, summary, seconds=wall, smoke=args.smoke)
     _common.done(out, wall)
     return record
 
 
-def plot(path, t_plain, t_stn, model, setup) -> None:
-    """Per-epoch wall times of both networks, with the target line at 2.2x the plain median."""
+def plot(path, variants, plain, model, setup) -> None:
+    """Stacked bars: each STN epoch in plain epochs (train steps, hyper steps, fit loop), targets."""
     plt = _common.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ms_plain, ms_stn = np.array(t_plain) * 1e3, np.array(t_stn) * 1e3
-    box = ax.boxplot(
-        [ms_plain, ms_stn],
-        widths=0.5,
-        patch_artist=True,
-        showfliers=False,  # every epoch is drawn as a dot
-        medianprops=dict(color="k", lw=2),
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    labels = ["plain network", *[f"STN, {k} response" for k in variants]]
+    xs = np.arange(len(labels))
+    ax.bar(xs[0], 1.0, color=_common.color("baseline"), alpha=0.7, label="plain epoch (1x)")
+    parts = (
+        ("train_steps", "train steps (5 per cycle, perturbed)", "tab:red"),
+        ("hyper_steps", "hyper steps (1 per cycle)", "tab:orange"),
+        ("fit_host", "Trainer.fit host loop", "tab:gray"),
     )
-    for patch, name in zip(box["boxes"], ("baseline", "stn"), strict=True):
-        patch.set(facecolor=_common.color(name), alpha=0.5)
-    for k, ms in enumerate((ms_plain, ms_stn), start=1):
-        ax.plot(np.full(len(ms), k) + np.linspace(-0.1, 0.1, len(ms)), ms, "k.", ms=3)
-    target = TARGET * float(np.median(ms_plain))
-    ax.axhline(target, color=_common.color("oracle"), ls="--", label=f"target: {TARGET:g}x plain")
-    ax.set_xticks([1, 2], ["plain network", "STN"])
-    ax.plot([], [], "k.", label="one timed epoch (box: quartiles, bar: median)")
-    ratio = float(np.median(ms_stn) / np.median(ms_plain))
+    bottom = np.zeros(len(variants))
+    for key, text, c in parts:
+        heights = np.array([max(v[key], 0.0) for v in variants.values()])
+        ax.bar(xs[1:], heights, bottom=bottom, color=c, alpha=0.8, label=text)
+        bottom += heights
+    for x, v in zip(xs[1:], variants.values(), strict=True):
+        ax.text(x, bottom[x - 1] + 0.03, f"{v['ratio']:.2f}x", ha="center", va="bottom")
+    for target, ls in sorted({(v["target"], "--") for v in variants.values()}):
+        ax.axhline(target, color="k", ls=ls, lw=1)
+        ax.text(xs[-1] + 0.45, target, f"target {target:g}x", va="bottom", ha="right", fontsize=8)
+    ax.set_xticks(xs, labels, fontsize=9)
     ax.set(
-        ylabel="wall time per epoch (ms)",
-        ylim=(0, 1.15 * max(ms_stn.max(), target)),
-        title=f"STN / plain = {ratio:.2f}x ({model})\n{setup}",
+        ylabel="wall time per epoch (plain epochs)",
+        ylim=(0, 1.2 * max(bottom.max(), max(v["target"] for v in variants.values()))),
+        title=f"Self-Tuning Network epoch vs plain ({model}; plain {1e3 * plain:.0f} ms)\n{setup}",
     )
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False, fontsize=9)
+    ax.legend(loc="upper left", frameon=False, fontsize=8)
     _common.save_figure(fig, path, dpi=120)
 
 

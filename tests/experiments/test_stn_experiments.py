@@ -143,6 +143,20 @@ def test_bench_stn_smoke(tmp_path, capsys, bars):
     (row,) = _summary(tmp_path, "bench_stn", 1)
     assert row["target"] == "<= 2.2x" and f"{record['ratio']:.2f}x" in row["result"]
     _one_full_bar(bars, "bench_stn")
+    # The breakdown adds up to the epoch (arithmetic of the medians, not a timed assert).
+    (v,) = record["variants"].values()
+    parts = v["train_steps"] + v["hyper_steps"] + v["fit_host"]
+    assert parts == pytest.approx(v["ratio"]) and v["train_steps"] > 0
+    assert set(record["program_seconds"]) == {"full fit", "full scan", "full inner", "plain plain"}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--ranks", "full,x"], ["--ranks", "0"], ["--ranks", ""], ["--model", "cnn", "--ranks", "8"]],
+)
+def test_bench_stn_rejects_bad_ranks(argv):
+    with pytest.raises(SystemExit):
+        bench_stn.main([*argv, "--no-progress"])
 
 
 def test_block_size_divides_the_run():
