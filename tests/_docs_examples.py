@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import FAST_XLA
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,7 +29,13 @@ def run_example(page: str, marker: str, max_lines: int = 30) -> str:
     assert len(blocks) == 1, f"docs/{page}: expected one python block in {marker!r}"
     code = blocks[0]
     assert len(code.splitlines()) <= max_lines, f"docs/{page}'s example is over {max_lines} lines"
-    env = dict(os.environ, BILEVEL_NO_PROGRESS="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    # What a reader gets: XLA's default optimizations (the suite's fast-compile flags change
+    # the last bits of floating-point results, and training amplifies them past "It prints").
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in FAST_XLA]
+    env = dict(
+        os.environ, BILEVEL_NO_PROGRESS="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+        XLA_FLAGS=" ".join(flags),
+    )  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=600,

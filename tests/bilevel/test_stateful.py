@@ -23,6 +23,7 @@ from bilevel import hparams as H
 from bilevel import stn
 from tests._docs_examples import run_example
 from tests.bilevel import test_tuner_contract as contract
+from tests.conftest import FAST_XLA_ON
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -127,8 +128,16 @@ def _leaves(tree):
 
 
 def _equal(a, b):
+    """Bit for bit under XLA's default flags (``BILEVEL_TEST_XLA_FULL=1``); under the suite's
+    fast-compile flags two different programs may round a reduction differently in the last bit,
+    so there the check is to 2 float32 ulps, and 1e-7 absolute for leaves that are rounding noise
+    (a bias under BatchNorm: its gradient is zero up to rounding); integer leaves (PRNG keys)
+    stay exact."""
     for x, y in zip(_leaves(a), _leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
+        if FAST_XLA_ON and np.issubdtype(x.dtype, np.floating):
+            np.testing.assert_allclose(x, y, rtol=2.5e-7, atol=1e-7)
+        else:
+            np.testing.assert_array_equal(x, y)
 
 
 def _close(a, b, rtol=1e-6, atol=1e-8):
