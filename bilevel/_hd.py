@@ -915,9 +915,12 @@ def hd_sgd(
       >>> tx = bilevel.hd_sgd(1e-3)  # instead of optax.sgd(1e-3)
       >>> w = jnp.zeros(3)
       >>> state = tx.init(w)
-      >>> for _ in range(100):
+      >>> @jax.jit
+      ... def step(w, state):
       ...     updates, state = tx.update(jax.grad(loss)(w), state, w)
-      ...     w = optax.apply_updates(w, updates)
+      ...     return optax.apply_updates(w, updates), state
+      >>> for _ in range(100):
+      ...     w, state = step(w, state)
       >>> print(bool(loss(w) < 1e-3), optax.tree_utils.tree_get(state, "learning_rate") > 1e-3)
       True True
       >>> additive = bilevel.hd_sgd(1e-3, hyper_lr=1e-2)  # the paper's additive rule
@@ -1058,9 +1061,12 @@ def hd_adam(
       >>> tx = bilevel.hd_adam(1e-3)  # instead of optax.adam(1e-3)
       >>> w = jnp.zeros(3)
       >>> state = tx.init(w)
-      >>> for _ in range(200):
+      >>> @jax.jit
+      ... def step(w, state):
       ...     updates, state = tx.update(jax.grad(loss)(w), state, w)
-      ...     w = optax.apply_updates(w, updates)
+      ...     return optax.apply_updates(w, updates), state
+      >>> for _ in range(200):
+      ...     w, state = step(w, state)
       >>> print(bool(loss(w) < 1e-3))  # optax.adam(1e-3) moves w by at most 0.2 in 200 steps
       True
       >>> slower = bilevel.hd_adam(1e-3, hyper_lr=0.01, multiplicative=True)  # other beta
