@@ -529,7 +529,9 @@ SHARDING_SCRIPT = textwrap.dedent(
 
 def test_data_parallel_sharding_matches_single_device():
     env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+        os.environ,
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
     )
     out = subprocess.run(
         [sys.executable, "-c", SHARDING_SCRIPT],

@@ -472,7 +472,7 @@ _MESH_SCRIPT = textwrap.dedent(
 def test_four_devices_equal_one():
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
         JAX_PLATFORMS="cpu",
     )
     proc = subprocess.run(

@@ -539,7 +539,7 @@ SHARDED = textwrap.dedent(
 def test_a_population_sharded_over_4_devices_equals_one_device():
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(ROOT),
     )
