@@ -722,6 +722,11 @@ def _recomputed_hd(
             )
             lr, inner_state, s = guarded.value
             ok = guarded.applied
+            # d_t read back from the guarded moments (the transform's output where the step is
+            # applied, masked where it is not): the update then reads the buffers the step
+            # writes instead of recomputing them from the old moments, which XLA would have to
+            # keep alive in copies (10M-parameter MLP step: 2.2x Adam's time -> 1.6x).
+            new_direction = kind.previous(inner_state)
             new_updates = _scaled(lr, new_direction, per_leaf, lambda rate, d: ok)
             pending = None
         else:
