@@ -322,7 +322,7 @@ def plot(path, variants, plain, model, setup) -> None:
     parts = (
         ("train_steps", "train steps (5 per cycle, perturbed)", "tab:red"),
         ("hyper_steps", "hyper steps (1 per cycle)", "tab:orange"),
-        ("fit_host", "Trainer.fit host loop", "tab:gray"),
+        ("fit_host", "Trainer.fit host loop", "tab:purple"),
     )
     bottom = np.zeros(len(variants))
     for key, text, c in parts:
