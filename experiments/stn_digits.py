@@ -62,7 +62,15 @@ def main(argv=None):
     parser.add_argument("--entropy-weight", type=float, default=1e-3, help="STN entropy bonus")
     parser.add_argument("--init-scale", type=float, default=0.5, help="STN perturbation scale")
     parser.add_argument("--trials", type=int, default=9, help="random-search configurations")
+    parser.add_argument(
+        "--response-rank",
+        type=int,
+        default=None,
+        help="low-rank response kernels W_r = P Q of this rank (default: full)",
+    )
     args = parser.parse_args(argv)
+    if args.response_rank is not None and args.response_rank < 1:
+        parser.error(f"--response-rank must be >= 1, got {args.response_rank}")
     if args.smoke:
         args.epochs, args.trials, args.warmup_epochs = 4, 2, 0
     if args.trials < 1:
@@ -70,13 +78,15 @@ def main(argv=None):
     out = _common.results_dir(args)
     quiet = args.no_progress
     method = _common.variant_label(args.variant)
+    if args.response_rank is not None:
+        method = f"{method} (rank {args.response_rank})"
     eval_every = 2 if args.smoke else 5
     sizes = (64, 256, 256, 10)
 
     data = _common.load_digits(seed=args.seed)
     _common.phase(f"compiling the {method} cycle and running its first block", quiet=quiet)
     stn_job = _common.stn_job(
-        lambda rngs: _common.StnMlp(sizes, len(NAMES), rngs=rngs),
+        lambda rngs: _common.StnMlp(sizes, len(NAMES), response_rank=args.response_rank, rngs=rngs),
         data,
         epochs=args.epochs,
         batch_size=args.batch_size,

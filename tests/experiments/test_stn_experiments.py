@@ -203,3 +203,8 @@ def test_stn_ridge_default_run_reaches_the_known_answer(tmp_path):
     for variant, r in record["variants"].items():
         assert 1 / 1.5 < r["ratio"] < 1.5, (variant, r["ratio"])
         assert r["jacobian_cosine"] > 0.9, (variant, r["jacobian_cosine"])
+
+
+def test_stn_digits_rejects_a_bad_response_rank():
+    with pytest.raises(SystemExit):
+        stn_digits.main(["--response-rank", "0", "--no-progress"])
