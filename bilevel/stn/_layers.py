@@ -380,8 +380,8 @@ class StnLinear(_StnBase):
         )
         # Per example: two matmuls. One against the concatenated [W_e, W_r] (or [W_e, P]) was
         # slower on XLA:CPU: the slices of its output and the concatenation in the backward
-        # pass cost more than the second call (MLP 64-256-256-10, batch 128, gradient of the
-        # network: 2.40x -> 2.16x a plain one; rank 8: 1.76x -> 1.48x).
+        # pass cost more than the second call (experiments.bench_stn, epoch / plain epoch:
+        # 2.35x -> 2.29x full, 2.04x -> 1.78x rank 8).
         y_e = jnp.matmul(x, k_e, precision=self.precision)
         y_r = jnp.matmul(x, k_r, precision=self.precision)
         return self._combine(y_e, y_r, u, v, 1)
