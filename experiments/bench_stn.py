@@ -116,6 +116,46 @@ def _stn_programs(trainer, data, val, batch_size, cycles, seed):
     return programs
 
 
+def _layer_profile(args, ranks, x, y):
+    """The gradient of the network alone (no regularizer, no optimizer), batch ``--batch-size``:
+    plain, and per response kernel the STN network with one ``hnet`` shared by the batch and
+    with a ``hnet`` per example. Rows: milliseconds per gradient and the ratio to plain
+    (medians over interleaved rounds)."""
+    xb, yb = x[: args.batch_size], y[: args.batch_size]
+    hnet = jax.random.normal(jax.random.key(args.seed), (args.batch_size, 3), jnp.float32)
+    sizes = (64, args.width, args.width, 10)
+
+    def gradient(graphdef, params, *call):
+        loss = lambda p: _common.xent(nnx.merge(graphdef, p)(xb, *call), yb)
+        return jax.jit(lambda p: jax.grad(loss)(p)), params
+
+    fns = {"plain network": gradient(*nnx.split(_common.PlainMlp(sizes, rngs=nnx.Rngs(0))))}
+    for rank in ranks:
+        label = "full" if rank is None else f"rank {rank}"
+        model = _common.StnMlp(sizes, 3, response_rank=rank, rngs=nnx.Rngs(0))
+        fns[f"STN {label}, shared hnet"] = gradient(*nnx.split(model), hnet[0])
+        fns[f"STN {label}, per-example hnet"] = gradient(*nnx.split(model), hnet)
+    for f, p in fns.values():
+        jax.block_until_ready(f(p))
+    times = {name: [] for name in fns}
+    for _ in range(args.reps):  # announced by a phase line: the script's one bar is done
+        for name, (f, p) in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(10):
+                out = f(p)
+            jax.block_until_ready(out)
+            times[name].append((time.perf_counter() - t0) / 10)
+    plain = statistics.median(times["plain network"])
+    return [
+        {
+            "gradient of": name,
+            "ms": 1e3 * statistics.median(t),
+            "x_plain": statistics.median(t) / plain,
+        }
+        for name, t in times.items()
+    ]
+
+
 def main(argv=None):
     wall = time.perf_counter()
     parser = _common.make_parser(NAME, __doc__.split("\n\n")[0])
@@ -130,7 +170,15 @@ def main(argv=None):
         help="comma-separated response kernels to time: full, or a rank r (W_r = P Q; mlp only)"
         " (default: full,8 for mlp, full for cnn)",
     )
+    parser.add_argument(
+        "--layers",
+        action="store_true",
+        help="also profile the network's gradient alone: plain vs STN with a shared and with a "
+        "per-example hnet (mlp only)",
+    )
     args = parser.parse_args(argv)
+    if args.layers and args.model != "mlp":
+        parser.error("--layers applies to --model mlp only")
     if args.ranks is None:
         args.ranks = "full,8" if args.model == "mlp" else "full"
     ranks = []
@@ -280,6 +328,9 @@ def main(argv=None):
         "program_seconds": {" ".join(k): v for k, v in times.items()},
         "device": str(jax.devices()[0]),
     }
+    if args.layers:
+        _common.phase("profiling the network's gradient alone (--layers)", quiet=quiet)
+        record["layer_profile"] = _layer_profile(args, ranks, x, y)
     _common.save_json(out / f"{NAME}.json", record)
     _common.save_csv(out / f"{NAME}.csv", rows)
     plot(out / f"{NAME}.png", variants, plain, args.model, setup)
@@ -291,6 +342,12 @@ def main(argv=None):
             "loop"
         ),
     )
+    if args.layers:
+        _common.print_table(
+            record["layer_profile"],
+            title=f"gradient of the network alone, batch {args.batch_size} (median of "
+            "interleaved rounds of 10 calls): where the STN layers' time goes",
+        )
     summary = []
     for label, v in variants.items():
         what = "STN epoch / plain epoch" + ("" if labels[label] is None else f", {label} responses")

@@ -135,7 +135,7 @@ def test_stn_mnist_cnn_smoke(tmp_path, bars):
 
 
 def test_bench_stn_smoke(tmp_path, capsys, bars):
-    record = bench_stn.main(["--smoke", "--out", str(tmp_path)])
+    record = bench_stn.main(["--smoke", "--layers", "--out", str(tmp_path)])
     assert record["ratio"] > 0 and len(record["stn_epoch_seconds"]) == 3
     assert "ratio" in capsys.readouterr().out
     assert (tmp_path / "bench_stn.json").exists()
@@ -147,12 +147,22 @@ def test_bench_stn_smoke(tmp_path, capsys, bars):
     (v,) = record["variants"].values()
     parts = v["train_steps"] + v["hyper_steps"] + v["fit_host"]
     assert parts == pytest.approx(v["ratio"]) and v["train_steps"] > 0
+    profile = {r["gradient of"]: r for r in record["layer_profile"]}
+    assert set(profile) == {"plain network", "STN full, shared hnet", "STN full, per-example hnet"}
+    assert profile["plain network"]["x_plain"] == 1.0
+    assert all(r["ms"] > 0 for r in profile.values())
     assert set(record["program_seconds"]) == {"full fit", "full scan", "full inner", "plain plain"}
 
 
 @pytest.mark.parametrize(
     "argv",
-    [["--ranks", "full,x"], ["--ranks", "0"], ["--ranks", ""], ["--model", "cnn", "--ranks", "8"]],
+    [
+        ["--ranks", "full,x"],
+        ["--ranks", "0"],
+        ["--ranks", ""],
+        ["--model", "cnn", "--ranks", "8"],
+        ["--model", "cnn", "--layers"],
+    ],
 )
 def test_bench_stn_rejects_bad_ranks(argv):
     with pytest.raises(SystemExit):
