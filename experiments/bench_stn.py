@@ -69,22 +69,13 @@ def _stn_programs(trainer, data, val, batch_size, cycles, seed):
 
     ``fit``: ``Trainer.fit`` with one chunk per epoch (what a user runs); ``scan``: the same
     cycles of ``sample_batches`` + ``step`` as one jitted ``lax.scan`` (no host loop);
-    ``inner``: only the cycles' train steps (the trainer's own inner loop, no hyper step). The
+    ``inner``: only the cycles' train steps (``Trainer.warmup``, no hyper step). The
     differences attribute the epoch: train steps, hyper steps, the host side of ``fit``.
     """
-    from bilevel.stn._methods import _Reads  # the profile reaches into the trainer's cycle
 
-    def inner_only(state):
+    def inner_only(state):  # Trainer.warmup: the cycle's train steps, no hyper step
         inner_batches, _ = trainer.sample_batches(state, data, val, batch_size)
-        keys = jax.random.split(trainer._cycle_key(state), trainer.inner_steps)
-        inner = trainer._inner(state, inner_batches, keys, _Reads(trainer._names))
-        return state._replace(
-            params=inner.params,
-            model_state=inner.model_state,
-            inner_state=inner.inner_state,
-            inner_skipped=inner.skipped,
-            step=state.step + 1,
-        )
+        return trainer.warmup(state, inner_batches)[0]
 
     def full_cycle(state):
         return trainer.step(state, *trainer.sample_batches(state, data, val, batch_size))[0]
