@@ -4,32 +4,10 @@ import json
 
 import pytest
 
-from experiments import _common, bench_gpu
+from experiments import bench_gpu
 
 
-class _Bar:
-    def __init__(self, iterable=None, *, total=None, initial=0, **kwargs):
-        self.iterable, self.total, self.n = iterable, total, initial
-        self.desc = kwargs.get("desc")
-
-    def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.n += 1
-
-    def update(self, k=1):
-        self.n += k
-
-    def set_postfix_str(self, text):
-        pass
-
-    def close(self):
-        pass
-
-
-def test_bench_gpu_smoke_collects_every_part(tmp_path, monkeypatch):
-    bars = []
-    monkeypatch.setattr(_common, "progress", lambda *a, **k: bars.append(_Bar(*a, **k)) or bars[-1])
+def test_bench_gpu_smoke_collects_every_part(tmp_path, bars):
     record = bench_gpu.main(["--smoke", "--parts", "optax,stn", "--out", str(tmp_path)])
     own = [b for b in bars if b.desc == "bench_gpu"]
     assert len(own) == 1 and own[0].n == own[0].total == 2

@@ -4,23 +4,10 @@ import json
 
 import pytest
 
-from experiments import _common, bench_population
+from experiments import bench_population
 
 
-class _Bar:
-    def __init__(self, iterable=None, *, total=None, initial=0, **kwargs):
-        self.total, self.n, self.desc = total, initial, kwargs.get("desc")
-
-    def update(self, k=1):
-        self.n += k
-
-    def close(self):
-        pass
-
-
-def test_bench_population_smoke(tmp_path, monkeypatch):
-    bars = []
-    monkeypatch.setattr(_common, "progress", lambda *a, **k: bars.append(_Bar(*a, **k)) or bars[-1])
+def test_bench_population_smoke(tmp_path, bars):
     rows = bench_population.main(["--smoke", "--out", str(tmp_path), "--no-progress"])
     assert len(bars) == 1 and bars[0].n == bars[0].total > 0
     assert [r["members"] for r in rows] == [1, 4]

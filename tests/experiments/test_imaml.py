@@ -5,32 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import _common, imaml_sinusoid
-
-
-class _Bar:
-    """Stands in for the tqdm bar: counts what the script reports."""
-
-    def __init__(self, iterable=None, *, total=None, initial=0, **kwargs):
-        self.total, self.n, self.desc = total, initial, kwargs.get("desc")
-
-    def update(self, k=1):
-        self.n += k
-
-    def close(self):
-        pass
-
-
-@pytest.fixture
-def bars(monkeypatch):
-    made = []
-
-    def progress(iterable=None, **kwargs):
-        made.append(_Bar(iterable, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(_common, "progress", progress)
-    return made
+from experiments import imaml_sinusoid
 
 
 def test_imaml_sinusoid_smoke(tmp_path, bars):

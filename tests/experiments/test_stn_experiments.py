@@ -6,40 +6,6 @@ import pytest
 from experiments import _common, bench_stn, quickstart, stn_digits, stn_mnist_cnn, stn_ridge
 
 
-class _Bar:
-    """Stands in for the tqdm bar: counts what the script reports."""
-
-    def __init__(self, iterable=None, *, total=None, initial=0, **kwargs):
-        self.iterable = iterable
-        self.total = len(iterable) if total is None and iterable is not None else total
-        self.n = initial
-        self.desc = kwargs.get("desc")
-
-    def update(self, k=1):
-        self.n += k
-
-    def close(self):
-        pass
-
-    def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.n += 1
-
-
-@pytest.fixture
-def bars(monkeypatch):
-    """The progress bars a script creates (each must end at total)."""
-    made = []
-
-    def progress(iterable=None, **kwargs):
-        made.append(_Bar(iterable, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(_common, "progress", progress)
-    return made
-
-
 def _one_full_bar(bars, name):
     assert len(bars) == 1, [b.desc for b in bars]
     assert bars[0].desc == name
