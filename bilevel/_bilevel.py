@@ -649,6 +649,7 @@ class BilevelOptimizer:
         key: jax.Array | None = None,
         *,
         model_state: PyTree | None = None,
+        fixed_hparams: dict | None = None,
     ) -> BilevelState:
         """The initial state.
 
@@ -662,6 +663,10 @@ class BilevelOptimizer:
           model_state: the model's non-parameter state (required with ``has_state=True``, e.g.
             the third output of ``bilevel.nnx_apply_fn(model, with_state=True)``; refused
             otherwise).
+          fixed_hparams: optional values of some of the constructor's ``fixed_hparams`` for
+            this state (the inner optimizer's state is built from them, e.g. the initial rate of
+            ``inner_optimizer=lambda h: bilevel.hd_adam(h["lr"])``); the others keep the
+            constructor's values. Under ``jax.vmap``, one value per population member.
 
         Returns:
           A :class:`BilevelState`.
@@ -682,7 +687,8 @@ class BilevelOptimizer:
                 raise ValueError("hparams contains non-finite values")
         key = _typed_key(key)
         model_state = _check_model_state(model_state, self.has_state, "init")
-        loop = self._loop(None, self.fixed_hparams)
+        fixed = self._fixed_for_init(fixed_hparams)
+        loop = self._loop(None, fixed)
         inner_state = loop.optimizer(loop.constrain(u)).init(params)
         if self.inner_hyper_grads:
             _check_hd_state(inner_state)
@@ -699,9 +705,33 @@ class BilevelOptimizer:
             zero,
             zero,
             key,
-            dict(self.fixed_hparams),
+            fixed,
             model_state,
         )
+
+    def _fixed_for_init(self, values: dict | None) -> dict:
+        """The constructor's ``fixed_hparams`` with ``values`` in place of some of them."""
+        if values is None:
+            return dict(self.fixed_hparams)
+        if not isinstance(values, dict):
+            raise TypeError(f"fixed_hparams must be a dict, got {type(values).__name__}")
+        unknown = sorted(map(str, set(values) - set(self.fixed_hparams)))
+        if unknown:
+            raise ValueError(
+                f"fixed_hparams {unknown} are not among the constructor's fixed_hparams "
+                f"{sorted(self.fixed_hparams)}: declare them there (their structure and dtype)"
+            )
+        out = dict(self.fixed_hparams)
+        for k, v in values.items():
+            ref = self.fixed_hparams[k]
+            v = jnp.asarray(v, ref.dtype)
+            if v.shape != ref.shape:
+                raise ValueError(
+                    f"fixed_hparams[{k!r}] must have the shape {ref.shape} of the constructor's "
+                    f"value, got {v.shape}"
+                )
+            out[k] = v
+        return out
 
     def hparams(self, state: BilevelState) -> PyTree:
         """Constrained hyperparameter values of ``state`` (with its ``fixed_hparams``, if any)."""

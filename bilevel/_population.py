@@ -38,12 +38,15 @@ class PopulationState(NamedTuple):
       start: the unconstrained hyperparameters each member started its current run from.
       round: completed rounds (restarts), int32.
       key: the PRNG key the restarts draw from.
+      explore: the unconstrained values of the explored ``fixed_hparams`` each member started
+        its run with (``{}`` without ``explore``).
     """
 
     members: Any
     start: PyTree
     round: jax.Array
     key: jax.Array
+    explore: PyTree = None
 
 
 class RoundResult(NamedTuple):
@@ -102,6 +105,12 @@ class Population:
       jitter: standard deviation added to the copied hyperparameters of the others.
       record: optional ``record(state) -> pytree`` logged after every outer step (e.g. the
         learning rate of an ``hd_*`` inner optimizer).
+      explore: optional ``{name: spec}`` (:mod:`bilevel.hparams` specs) for some of
+        ``opt.fixed_hparams``: hyperparameters no hypergradient reaches (e.g. the initial rate
+        of ``inner_optimizer=lambda h: bilevel.hd_adam(h["lr"])`` under an implicit method)
+        that the population explores instead. Each member starts its run from its own value
+        (``spread`` around the spec's initial value in the first round) and a restart carries
+        the values like the tuned ones (kept, or copied from the best half with ``jitter``).
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, solvers, bilevel
@@ -132,6 +141,7 @@ class Population:
         keep: float = 0.5,
         jitter: float = 0.5,
         record: Callable[[Any], PyTree] | None = None,
+        explore: dict | None = None,
     ):
         for name in ("init", "step", "warmup", "sample_batches", "hparams"):
             if not callable(getattr(opt, name, None)):
@@ -150,13 +160,18 @@ class Population:
         self.keep = checks.number("keep", keep, low=0.0, high=1.0, low_open=True)
         self.jitter = checks.number("jitter", jitter, low=0.0)
         self.record = record
+        self.explore = _check_explore(explore, opt)
         self._compiled: dict = {}
         self._fresh_jit = None
 
     # ------------------------------------------------------------------ public API
 
     def init(
-        self, key: jax.Array, hparams: PyTree | None = None, spread: float | None = None
+        self,
+        key: jax.Array,
+        hparams: PyTree | None = None,
+        spread: float | None = None,
+        explore: PyTree | None = None,
     ) -> PopulationState:
         """The first round's state: member 0 at ``hparams`` (unconstrained; default the space's
         initial values), the others spread around it, each with fresh weights.
@@ -166,6 +181,8 @@ class Population:
           hparams: optional unconstrained hyperparameters of member 0 (one set, no member axis).
           spread: overrides the constructor's ``spread`` (``0``: every member starts at
             ``hparams``, with its own weights and data order: a check over seeds).
+          explore: optional unconstrained values of the explored ``fixed_hparams`` for member 0
+            (default the specs' initial values), e.g. ``state.explore`` of a member to replay.
 
         Returns:
           A :class:`PopulationState`.
@@ -176,11 +193,20 @@ class Population:
         else:
             hp.constrain(self.opt.space, hparams)  # structure and shape check, names the entry
             u0 = jax.tree.map(jnp.asarray, hparams)
+        if not self.explore:
+            if explore:
+                raise ValueError("explore= values need a Population built with explore= specs")
+            e0 = {}
+        elif explore is None:
+            e0 = hp.init(self.explore)
+        else:
+            hp.constrain(self.explore, explore)  # structure and shape check, names the entry
+            e0 = jax.tree.map(jnp.asarray, explore)
         k_spread, k_next = jax.random.split(jax.random.fold_in(key, 1))
-        noise = _normal_like(k_spread, u0, self.size)
+        noise = _normal_like(k_spread, (u0, e0), self.size)
         spread = self.spread if spread is None else checks.number("spread", spread, low=0.0)
-        u = jax.tree.map(lambda a, n: a[None] + spread * n.at[0].set(0.0), u0, noise)
-        return self._fresh(u, k_next, jnp.asarray(0, jnp.int32))
+        u, e = jax.tree.map(lambda a, n: a[None] + spread * n.at[0].set(0.0), (u0, e0), noise)
+        return self._fresh(u, e, k_next, jnp.asarray(0, jnp.int32))
 
     def run(
         self,
@@ -286,36 +312,41 @@ class Population:
         kept = np.zeros(self.size, bool)
         kept[order[:n_keep]] = True
         k_noise, k_next = jax.random.split(state.key)
-        noise = _normal_like(
-            k_noise, jax.tree.map(lambda a: a[0], state.members.hparams), self.size
-        )
-        u = jax.tree.map(
+        carried = (state.members.hparams, state.explore)
+        noise = _normal_like(k_noise, jax.tree.map(lambda a: a[0], carried), self.size)
+        u, e = jax.tree.map(
             lambda a, n: a[parents] + self.jitter * jnp.where(
                 jnp.asarray(kept).reshape((-1,) + (1,) * (a.ndim - 1)), 0.0, n
             ),
-            state.members.hparams,
+            carried,
             noise,
         )  # fmt: skip
-        return self._fresh(u, k_next, state.round + 1)
+        return self._fresh(u, e, k_next, state.round + 1)
 
     # ------------------------------------------------------------------ internals
 
     def _values(self, members, u):
         return jax.vmap(self.opt.hparams)(members._replace(hparams=u))
 
-    def _fresh(self, u, key, round_):
+    def _fresh(self, u, e, key, round_):
         if self._fresh_jit is None:
             self._fresh_jit = jax.jit(self._fresh_impl)
-        return self._fresh_jit(u, key, jnp.asarray(round_, jnp.int32))
+        return self._fresh_jit(u, e, key, jnp.asarray(round_, jnp.int32))
 
-    def _fresh_impl(self, u, key, round_):
-        """Fresh members (weights, optimizer and method states, keys) at hyperparameters ``u``."""
+    def _fresh_impl(self, u, e, key, round_):
+        """Fresh members (weights, optimizer and method states, keys) at hyperparameters ``u``
+        and explored values ``e`` (unconstrained)."""
         k_params, k_runs, k_next = jax.random.split(key, 3)
         params = jax.vmap(self.init_params)(jax.random.split(k_params, self.size))
-        members = jax.vmap(lambda p, uu, kk: self.opt.init(p, hparams=uu, key=kk))(
-            params, u, jax.random.split(k_runs, self.size)
-        )
-        return PopulationState(members, u, round_, k_next)
+
+        def init(p, uu, ee, kk):
+            if not self.explore:
+                return self.opt.init(p, hparams=uu, key=kk)
+            return self.opt.init(p, hparams=uu, key=kk,
+                                 fixed_hparams=hp.constrain(self.explore, ee))  # fmt: skip
+
+        members = jax.vmap(init)(params, u, e, jax.random.split(k_runs, self.size))
+        return PopulationState(members, u, round_, k_next, e)
 
     def _member_run(self, steps, tail, batch_size, outer_batch_size):
         opt = self.opt
@@ -340,6 +371,36 @@ class Population:
             return state, score, schedule, records, losses
 
         return run
+
+
+def _check_explore(explore, opt) -> dict:
+    """``explore`` as a dict of continuous specs, each naming one of ``opt.fixed_hparams``."""
+    if explore is None:
+        return {}
+    if not isinstance(explore, dict):
+        raise TypeError(
+            f"explore must be a dict {{name: bilevel.hparams spec}}, got {type(explore).__name__}"
+        )
+    fixed = getattr(opt, "fixed_hparams", {}) or {}
+    unknown = sorted(map(str, set(explore) - set(fixed)))
+    if unknown:
+        raise ValueError(
+            f"explore names {unknown}, which are not fixed_hparams of the tuner "
+            f"({sorted(map(str, fixed))}): pass them to BilevelOptimizer(fixed_hparams=...) "
+            "with their default values"
+        )
+    for name, spec in explore.items():
+        if not isinstance(spec, hp.Hyperparameter):
+            raise TypeError(
+                f"explore[{name!r}] must be a continuous bilevel.hparams spec (log, unit, "
+                f"bounded, real), got {spec!r}"
+            )
+        if spec.shape != np.shape(fixed[name]):
+            raise ValueError(
+                f"explore[{name!r}] has shape {spec.shape}, fixed_hparams[{name!r}] "
+                f"{np.shape(fixed[name])}: they must match"
+            )
+    return dict(explore)
 
 
 def _typed(key):

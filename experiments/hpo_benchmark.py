@@ -191,10 +191,18 @@ def make_tuner(name: str, args, prob: Problem) -> tuple[bilevel.Population, str]
         "outer_optimizer": outer,
         "inner_steps": args.inner_steps,
     }
+    explore = None
     if base in ("implicit", "soba"):
-        inner = bilevel.hd_adam(args.init_lr)
-        common |= {"inner_optimizer": inner, "inner_hyper_grads": args.hd_signal == "val"}
+        # hd_adam tunes the rate within a run; its initial rate is a fixed hyperparameter that
+        # a population explores across runs (no hypergradient reaches it under Implicit).
+        common |= {
+            "inner_optimizer": lambda h: bilevel.hd_adam(h["lr"]),
+            "fixed_hparams": {"lr": args.init_lr},
+            "inner_hyper_grads": args.hd_signal == "val",
+        }
         record = hd_learning_rate
+        if size > 1:
+            explore = {"lr": H.log(args.init_lr, 1e-5, 1e-1)}
         if base == "implicit":
             method = solvers.Implicit(
                 linear_solver=solvers.cg(maxiter=args.cg_maxiter, ridge=args.ridge)
@@ -218,6 +226,7 @@ def make_tuner(name: str, args, prob: Problem) -> tuple[bilevel.Population, str]
         spread=args.population_spread,
         jitter=args.population_jitter,
         record=record,
+        explore=explore,
     )
     return pop, base
 
@@ -303,6 +312,7 @@ def tuner_units(pop: bilevel.Population, args, prob, seed: int):
                     "hparams": flat_hparams(pick(result.final)),
                     "start_hparams": flat_hparams(pick(result.start)),
                     "start_u": pick(state.start),
+                    "start_explore": pick(state.explore),
                     "schedule": pick(result.schedule),
                     "lr_schedule": None if result.records is None else pick(result.records),
                 }
@@ -324,10 +334,10 @@ def schedule_table(run: dict, tuner: str) -> dict[str, np.ndarray]:
     sched = run["schedule"]
     out = {f"wd{j}": np.asarray(sched["wd"])[:, j] for j in range(3)}
     out |= {f"drop{j}": np.asarray(sched["drop"])[:, j] for j in range(3)}
-    if "lr" in sched:
-        out["lr"] = np.asarray(sched["lr"])
-    elif run["lr_schedule"] is not None:
+    if run["lr_schedule"] is not None:  # hd_adam's rate (sched["lr"] is its initial rate)
         out["lr"] = np.asarray(run["lr_schedule"])
+    elif "lr" in sched:
+        out["lr"] = np.asarray(sched["lr"])
     return out
 
 
@@ -518,7 +528,7 @@ def main(argv=None):
         elif m.name in SEARCHES:
             fresh[m.name] = [trial_fn(m.best["h"], k) for k in fresh_keys]
         else:
-            fresh[m.name] = replay(tuners[m.name][0], m.best["start_u"], prob, args, fresh_keys)
+            fresh[m.name] = replay(tuners[m.name][0], m.best, prob, args, fresh_keys)
         bar.update(FRESH_SEEDS * estimates[m.name])
     bar.n = bar.total
     bar.refresh()
@@ -546,14 +556,15 @@ def main(argv=None):
 
 
 def replay(
-    pop: bilevel.Population, start_u, prob: Problem, args, keys
+    pop: bilevel.Population, run: dict, prob: Problem, args, keys
 ) -> list[tuple[float, float]]:
-    """The tuner re-run from ``start_u`` with new seeds (its weights, data, noise): final models'
-    ``(val loss, test accuracy)``, one per key (``pop.size`` members per round)."""
+    """The tuner re-run from the start of ``run`` (its hyperparameters and explored initial
+    learning rate) with new seeds (weights, data, noise): final models' ``(val loss, test
+    accuracy)``, one per key (``pop.size`` members per round)."""
     evaluate = prob.evaluate_members
     out = []
     for key in keys[:: pop.size]:
-        state = pop.init(key, hparams=start_u, spread=0.0)
+        state = pop.init(key, hparams=run["start_u"], spread=0.0, explore=run["start_explore"])
         state, _ = pop.run(
             state,
             prob.train,
