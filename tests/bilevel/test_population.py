@@ -110,3 +110,88 @@ def test_records_and_validation():
         Population(opt, 0, init_params=init_params, score=score)
     with pytest.raises(ValueError, match="keep"):
         Population(opt, 2, init_params=init_params, score=score, keep=0.0)
+
+
+def _hd_problem():
+    """The ridge problem with ``hd_adam``, whose initial rate is a fixed hyperparameter."""
+    _, init_params, score, train, val = _problem()
+    inner = lambda w, h, b: jnp.mean((b[0] @ w - b[1]) ** 2) + jnp.sum(h["wd"] * w**2)
+    outer = lambda w, h, b: jnp.mean((b[0] @ w - b[1]) ** 2)
+    opt = bilevel.BilevelOptimizer(
+        inner, outer, inner_optimizer=lambda h: bilevel.hd_adam(h["lr"]),
+        space={"wd": H.log(jnp.full(4, 0.3))}, method=solvers.Implicit(), inner_steps=4,
+        fixed_hparams={"lr": 0.01}, inner_hyper_grads=True,
+    )  # fmt: skip
+    return opt, init_params, score, train, val
+
+
+def _rate(inner_state):
+    return np.asarray(optax.tree_utils.tree_get(inner_state, "learning_rate"))
+
+
+def test_init_builds_the_inner_optimizer_from_per_state_fixed_values():
+    opt, init_params, *_ = _hd_problem()
+    p = init_params(jax.random.key(0))
+    assert _rate(opt.init(p).inner_state) == pytest.approx(0.01)
+    state = opt.init(p, fixed_hparams={"lr": np.float32(0.003)})  # a NumPy scalar is a number
+    assert _rate(state.inner_state) == pytest.approx(0.003)
+    assert float(state.fixed_hparams["lr"]) == pytest.approx(0.003)
+    rates = jnp.asarray([0.001, 0.02])
+    states = jax.vmap(lambda r: opt.init(p, fixed_hparams={"lr": r}))(rates)
+    np.testing.assert_allclose(_rate(states.inner_state), rates, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"\['momentum'\] are not among the constructor"):
+        opt.init(p, fixed_hparams={"momentum": 0.9})
+    with pytest.raises(ValueError, match=r"fixed_hparams\['lr'\] must have the shape \(\)"):
+        opt.init(p, fixed_hparams={"lr": jnp.ones(2)})
+    with pytest.raises(TypeError, match="fixed_hparams must be a dict"):
+        opt.init(p, fixed_hparams=[0.1])
+
+
+def test_explored_fixed_hyperparameters_start_each_member_and_are_carried_by_restarts():
+    opt, init_params, score, train, val = _hd_problem()
+    spec = H.log(0.01, 1e-4, 1.0)
+    pop = Population(opt, 4, init_params=init_params, score=score, spread=0.5, jitter=0.2,
+                     explore={"lr": spec})  # fmt: skip
+    state = pop.init(jax.random.key(0))
+    e = np.asarray(state.explore["lr"])
+    values = jax.vmap(lambda x: H.constrain({"lr": spec}, {"lr": x})["lr"])
+    rates = np.asarray(values(jnp.asarray(e)))
+    assert rates[0] == pytest.approx(0.01, rel=1e-5) and len(set(rates.round(8))) == 4
+    # Each member's optimizer starts at its own rate, and its tuner sees it as a hyperparameter.
+    np.testing.assert_allclose(_rate(state.members.inner_state), rates, rtol=1e-5)
+    np.testing.assert_allclose(state.members.fixed_hparams["lr"], rates, rtol=1e-5)
+
+    state, result = pop.run(state, train, val, train_steps=8, batch_size=8)
+    np.testing.assert_allclose(result.start["lr"], rates, rtol=1e-5)  # reported with the rest
+    scores = np.array([3.0, 1.0, np.nan, 2.0])  # kept: members 1 and 3
+    nxt = pop.restart(state, scores)
+    e_next = np.asarray(nxt.explore["lr"])
+    np.testing.assert_allclose(e_next[[1, 3]], e[[1, 3]], rtol=1e-6)
+    for j in (0, 2):  # copies of a kept member's value, jittered
+        assert 0 < min(abs(e_next[j] - e[k]) for k in (1, 3)) < 1.5
+    np.testing.assert_allclose(_rate(nxt.members.inner_state), values(e_next), rtol=1e-5)
+
+    # One member replayed from its start: the same rate, hyperparameters and run as fit's.
+    one = Population(opt, 1, init_params=init_params, score=score, explore={"lr": spec})
+    start = one.init(jax.random.key(5), explore={"lr": jnp.asarray(e[2])})
+    assert _rate(start.members.inner_state)[0] == pytest.approx(rates[2], rel=1e-5)
+    member = jax.tree.map(lambda a: a[0], start.members)
+    got, _ = one.run(start, train, val, train_steps=8, batch_size=8)
+    ref, _ = fit(opt, member, train, val, train_steps=8, batch_size=8, progress=False)
+    np.testing.assert_allclose(got.members.params[0], ref.params, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(_rate(got.members.inner_state)[0], _rate(ref.inner_state), rtol=1e-5)
+
+
+def test_explore_validation():
+    opt, init_params, score, *_ = _hd_problem()
+    kw = {"init_params": init_params, "score": score}
+    with pytest.raises(ValueError, match=r"explore names \['momentum'\]"):
+        Population(opt, 2, explore={"momentum": H.unit(0.9)}, **kw)
+    with pytest.raises(TypeError, match=r"explore\['lr'\] must be a continuous"):
+        Population(opt, 2, explore={"lr": 0.01}, **kw)
+    with pytest.raises(ValueError, match=r"explore\['lr'\] has shape \(2,\)"):
+        Population(opt, 2, explore={"lr": H.log(jnp.full(2, 0.01))}, **kw)
+    with pytest.raises(TypeError, match="explore must be a dict"):
+        Population(opt, 2, explore=[H.log(0.01)], **kw)
+    with pytest.raises(ValueError, match="explore= values need"):
+        Population(opt, 2, **kw).init(jax.random.key(0), explore={"lr": jnp.zeros(())})
