@@ -25,7 +25,9 @@ learning rate by ``bilevel.hd_adam`` driven by the validation gradient
 (``inner_hyper_grads=True``); ``truncated`` and ``forward`` differentiate through the inner steps
 and tune the learning rate by its own hypergradient, a seventh coordinate
 (``inner_optimizer=lambda h: optax.adam(h["lr"])``); ``population`` runs ``--population-size``
-tuners of ``--population-method`` at once (vmapped), restarted from the best half with jitter.
+tuners of ``--population-method`` at once (vmapped), restarted from the best half with jitter;
+for implicit/soba members it also explores ``hd_adam``'s initial learning rate, which no
+hypergradient reaches (``bilevel.Population(explore={"lr": ...})``).
 Outer steps: ``bilevel.group_adam`` (one second moment per hyperparameter group), or
 ``optax.adam`` with ``--outer adam`` (the ``*-adam`` methods: the same tuner with Adam's outer
 step, for the comparison behind the default).
@@ -679,14 +681,15 @@ def print_tables(results, args, prob) -> None:
         [r for r in results if "chosen_wd0" in r],
         cols,
         title="Chosen configuration (search: best trial; gradient tuner: start of its best run; "
-        "hd_adam tunes the learning rate of implicit/soba inside the run, from the default)",
+        "lr of implicit/soba/population: hd_adam's initial rate, tuned inside the run)",
     )
     finals = [r for r in results if "final_wd0" in r]
     if finals:
         _common.print_table(
             finals,
             ["method", *[f"final_{k}" for k in HPARAMS]],
-            title="Gradient tuners: hyperparameters at the end of their best run",
+            title="Gradient tuners: hyperparameters at the end of their best run (lr of "
+            "implicit/soba/population: hd_adam's initial rate; its schedule: hpo_schedules.png)",
         )
     print(
         "best_val: validation cross-entropy of the final model of a training run (best so far); "
