@@ -730,6 +730,8 @@ class BilevelOptimizer:
                     f"fixed_hparams[{k!r}] must have the shape {ref.shape} of the constructor's "
                     f"value, got {v.shape}"
                 )
+            if T.is_concrete(v) and not np.isfinite(np.asarray(v)).all():
+                raise ValueError(f"fixed_hparams[{k!r}] must be finite, got {v}")
             out[k] = v
         return out
 

@@ -145,6 +145,8 @@ def test_init_builds_the_inner_optimizer_from_per_state_fixed_values():
         opt.init(p, fixed_hparams={"lr": jnp.ones(2)})
     with pytest.raises(TypeError, match="fixed_hparams must be a dict"):
         opt.init(p, fixed_hparams=[0.1])
+    with pytest.raises(ValueError, match=r"fixed_hparams\['lr'\] must be finite"):
+        opt.init(p, fixed_hparams={"lr": np.nan})
 
 
 def test_explored_fixed_hyperparameters_start_each_member_and_are_carried_by_restarts():
