@@ -28,7 +28,7 @@ from bilevel._hyper_adapt import HyperAdaptState, hyper_adapt
 from bilevel._maid import MAID, MAIDEstimates, MAIDState
 from bilevel._outer import GroupAdamState, NormalizedMomentumState, group_adam, normalized_momentum
 from bilevel._population import Population, PopulationState, RoundResult
-from bilevel._utils import minibatches, nnx_apply_fn
+from bilevel._utils import epoch_minibatches, minibatches, nnx_apply_fn
 
 __version__ = "0.1.0"
 
@@ -51,6 +51,7 @@ __all__ = [
     "hypergradient",
     "implicit_hypergradient",
     "latest_step",
+    "epoch_minibatches",
     "minibatches",
     "normalized_momentum",
     "NormalizedMomentumState",

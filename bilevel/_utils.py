@@ -61,6 +61,106 @@ def minibatches(
     return jax.tree.map(lambda a: a[idx], data)
 
 
+#: Rounds of the Feistel network of :func:`epoch_minibatches`.
+_FEISTEL_ROUNDS = 6
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """A 32-bit integer hash (the "lowbias32" finalizer): uint32 -> uint32, well mixed."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _feistel_permute(i: jax.Array, round_keys: jax.Array, n: int) -> jax.Array:
+    """A keyed bijection of ``[0, n)`` evaluated at ``i`` (uint32): a balanced Feistel network
+    on ``[0, 4^h)`` (``4^h >= n``) restricted to ``[0, n)`` by cycle walking.
+
+    ``round_keys``: shape ``i.shape + (rounds,)``, uint32.
+    """
+    h = max(1, -(-max(n - 1, 1).bit_length() // 2))  # half the bits of the domain, rounded up
+    mask = jnp.uint32((1 << h) - 1)
+
+    def encrypt(x):
+        left, right = x >> h, x & mask
+        for r in range(round_keys.shape[-1]):
+            left, right = right, left ^ (_mix32(right ^ round_keys[..., r]) & mask)
+        return (left << h) | right
+
+    # every cycle of the bijection through an i < n returns to [0, n): the walk ends
+    x = encrypt(i)
+    return jax.lax.while_loop(
+        lambda x: jnp.any(x >= n), lambda x: jnp.where(x >= n, encrypt(x), x), x
+    )
+
+
+def epoch_minibatches(
+    data: PyTree, key: jax.Array, step: jax.Array | int, batch_size: int, num: int
+) -> PyTree:
+    r"""``num`` minibatches of ``batch_size`` rows for call ``step`` of a run that sees every row
+    once per epoch.
+
+    The run's rows form a stream of epochs, each a fresh random order of all :math:`N` rows;
+    call ``step`` takes positions :math:`[s\,m, (s+1)\,m)` of it (:math:`m` = ``num *
+    batch_size``). Epoch :math:`e`'s order is a keyed pseudo-random permutation
+    :math:`\pi_e` (a 6-round Feistel network on :math:`4^h \ge N` values, restricted to
+    :math:`[0, N)` by cycle walking) evaluated at the :math:`m` positions only: the cost is
+    :math:`O(m)`, where :func:`minibatches` shuffles all :math:`N` rows on every call (a sort,
+    about 1.8 ms for 5,120 rows on a 2-core CPU). A pure function of ``(key, step)``, like
+    :func:`minibatches`, so a restored run replays the same order; the orders differ from
+    :func:`minibatches`'.
+
+    Args:
+      data: pytree of arrays with a common leading axis ``N``.
+      key: PRNG key of the run.
+      step: call counter (int or int32 array).
+      batch_size: rows per minibatch (``<= N``).
+      num: number of minibatches per call.
+
+    Returns:
+      ``data`` with each leaf shaped ``(num, batch_size, ...)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, bilevel
+      >>> data = {"x": jnp.arange(8.0)}
+      >>> a = bilevel.epoch_minibatches(data, jax.random.key(0), 0, 2, 2)["x"]
+      >>> b = bilevel.epoch_minibatches(data, jax.random.key(0), 1, 2, 2)["x"]
+      >>> sorted(jnp.concatenate([a.ravel(), b.ravel()]).tolist())  # one epoch: each row once
+      [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    """
+    leaves = jax.tree.leaves(data)
+    if not leaves:
+        raise ValueError("data is empty")
+    n = jnp.shape(leaves[0])[0]
+    if any(jnp.ndim(a) == 0 or jnp.shape(a)[0] != n for a in leaves):
+        raise ValueError(
+            f"every leaf of data needs the same leading axis; got {jax.tree.map(jnp.shape, data)}"
+        )
+    batch_size = checks.integer("batch_size", batch_size)
+    num = checks.integer("num", num)
+    if batch_size > n:
+        raise ValueError(f"batch_size={batch_size} exceeds the {n} rows of data")
+    m = num * batch_size
+    if n * m + m >= 2**31:
+        raise ValueError(
+            f"epoch_minibatches: N * num * batch_size = {n * m} must stay below 2**31 (int32 "
+            "positions); use smaller calls (num, batch_size) or minibatches"
+        )
+    step = jnp.asarray(step, jnp.int32)
+    # position step * m + j = (step // n) * n * m + (step % n) * m + j, split without overflow
+    within = (step % n) * m + jnp.arange(m, dtype=jnp.int32)  # < n * m + m
+    epoch = (step // n) * m + within // n
+    offset = within % n
+    base = jax.random.bits(key, (_FEISTEL_ROUNDS,), jnp.uint32)
+    round_keys = _mix32(
+        base[None, :] ^ _mix32(epoch.astype(jnp.uint32) * jnp.uint32(0x9E3779B9))[:, None]
+    )
+    idx = _feistel_permute(offset.astype(jnp.uint32), round_keys, n).astype(jnp.int32)
+    return jax.tree.map(lambda a: a[idx.reshape(num, batch_size)], data)
+
+
 _MODES = {
     "train": {"deterministic": False, "use_running_average": False},
     "eval": {"deterministic": True, "use_running_average": True},

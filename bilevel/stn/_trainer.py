@@ -212,6 +212,7 @@ class Trainer:
         entropy_weight: float = 1e-3,
         shared: bool | PyTree = False,
         encoding: str = "identity",
+        sampler: Callable = minibatches,
     ):
         if not isinstance(model, nnx.Module):
             raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
@@ -230,6 +231,12 @@ class Trainer:
             )
         if encoding not in ("identity", "mip"):
             raise ValueError(f'encoding must be "identity" or "mip", got {encoding!r}')
+        if not callable(sampler):
+            raise TypeError(
+                "sampler must be callable as sampler(data, key, step, batch_size, num) "
+                f"(bilevel.minibatches or bilevel.epoch_minibatches), got {sampler!r}"
+            )
+        self.sampler = sampler
         if not isinstance(tune_scales, bool | np.bool_):
             raise TypeError(f"tune_scales must be a bool, got {tune_scales!r}")
         self.inner_steps = checks.integer("inner_steps", inner_steps)
@@ -468,8 +475,9 @@ class Trainer:
     ) -> tuple[PyTree, PyTree]:
         """The minibatches of the next :meth:`step`, a pure function of ``(state.key, state.step)``.
 
-        Drawn with :func:`bilevel.minibatches` from the full datasets (pytrees of arrays with a
-        leading example axis), so a resumed run replays the same data order.
+        Drawn with the trainer's ``sampler`` (:func:`bilevel.minibatches` by default) from the
+        full datasets (pytrees of arrays with a leading example axis), so a resumed run replays
+        the same data order.
 
         Args:
           state: current state.
@@ -487,14 +495,14 @@ class Trainer:
         for name, data in (("inner_data", inner_data), ("outer_data", outer_data)):
             if data is None or not jax.tree.leaves(data):
                 raise ValueError(f"{name} is {data!r}: it must be a pytree of arrays (a dataset)")
-        inner = minibatches(
+        inner = self.sampler(
             inner_data,
             jax.random.fold_in(state.key, _INNER_DATA),
             state.step,
             batch_size,
             self.inner_steps,
         )
-        outer = minibatches(
+        outer = self.sampler(
             outer_data,
             jax.random.fold_in(state.key, _OUTER_DATA),
             state.step,
