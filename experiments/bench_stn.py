@@ -426,13 +426,21 @@ def plot(path, variants, plain, model, setup) -> None:
         zorder=3,
         label="whole epoch, batches in epoch order (epoch_minibatches)",
     )
+    for x, v in zip(xs[1:], variants.values(), strict=True):
+        ax.text(
+            x + 0.3,
+            v["epoch_order_ratio"],
+            f"{v['epoch_order_ratio']:.2f}x",
+            va="center",
+            fontsize=8,
+        )
     for target, ls in sorted({(v["target"], "--") for v in variants.values()}):
         ax.axhline(target, color="k", ls=ls, lw=1)
-        ax.text(xs[-1] + 0.45, target, f"target {target:g}x", va="bottom", ha="right", fontsize=8)
+        ax.text(xs[0] - 0.4, target, f"target {target:g}x", va="bottom", ha="left", fontsize=8)
     ax.set_xticks(xs, labels, fontsize=9)
     ax.set(
         ylabel="wall time per epoch (plain epochs)",
-        ylim=(0, 1.2 * max(bottom.max(), max(v["target"] for v in variants.values()))),
+        ylim=(0, 1.6 * max(bottom.max(), max(v["target"] for v in variants.values()))),
         title=f"Self-Tuning Network epoch vs plain ({model}; plain {1e3 * plain:.0f} ms)\n{setup}",
     )
     ax.legend(loc="upper left", frameon=False, fontsize=8)
