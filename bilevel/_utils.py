@@ -14,6 +14,23 @@ from solvers import checks
 PyTree = Any
 
 
+def _check_draw(data: PyTree, batch_size: Any, num: Any) -> tuple[int, int, int]:
+    """``(N, batch_size, num)`` after the checks shared by the minibatch samplers."""
+    leaves = jax.tree.leaves(data)
+    if not leaves:
+        raise ValueError("data is empty")
+    n = jnp.shape(leaves[0])[0]
+    if any(jnp.ndim(a) == 0 or jnp.shape(a)[0] != n for a in leaves):
+        raise ValueError(
+            f"every leaf of data needs the same leading axis; got {jax.tree.map(jnp.shape, data)}"
+        )
+    batch_size = checks.integer("batch_size", batch_size)
+    num = checks.integer("num", num)
+    if batch_size > n:
+        raise ValueError(f"batch_size={batch_size} exceeds the {n} rows of data")
+    return n, batch_size, num
+
+
 def minibatches(
     data: PyTree, key: jax.Array, step: jax.Array | int, batch_size: int, num: int
 ) -> PyTree:
@@ -40,18 +57,7 @@ def minibatches(
       >>> xs["x"].shape
       (2, 4)
     """
-    leaves = jax.tree.leaves(data)
-    if not leaves:
-        raise ValueError("data is empty")
-    n = jnp.shape(leaves[0])[0]
-    if any(jnp.ndim(a) == 0 or jnp.shape(a)[0] != n for a in leaves):
-        raise ValueError(
-            f"every leaf of data needs the same leading axis; got {jax.tree.map(jnp.shape, data)}"
-        )
-    batch_size = checks.integer("batch_size", batch_size)
-    num = checks.integer("num", num)
-    if batch_size > n:
-        raise ValueError(f"batch_size={batch_size} exceeds the {n} rows of data")
+    n, batch_size, num = _check_draw(data, batch_size, num)
     k = jax.random.fold_in(key, step)
     if num * batch_size <= n:
         idx = jax.random.permutation(k, n)[: num * batch_size].reshape(num, batch_size)
@@ -131,18 +137,7 @@ def epoch_minibatches(
       >>> sorted(jnp.concatenate([a.ravel(), b.ravel()]).tolist())  # one epoch: each row once
       [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
     """
-    leaves = jax.tree.leaves(data)
-    if not leaves:
-        raise ValueError("data is empty")
-    n = jnp.shape(leaves[0])[0]
-    if any(jnp.ndim(a) == 0 or jnp.shape(a)[0] != n for a in leaves):
-        raise ValueError(
-            f"every leaf of data needs the same leading axis; got {jax.tree.map(jnp.shape, data)}"
-        )
-    batch_size = checks.integer("batch_size", batch_size)
-    num = checks.integer("num", num)
-    if batch_size > n:
-        raise ValueError(f"batch_size={batch_size} exceeds the {n} rows of data")
+    n, batch_size, num = _check_draw(data, batch_size, num)
     m = num * batch_size
     if n * m + m >= 2**31:
         raise ValueError(

@@ -207,14 +207,19 @@ def main(argv=None):
     labels = {}
     for rank in ranks:
         make_stn, make_plain, _, space, losses, plain_loss = _models(args.model, args.width, rank)
-        trainer = stn.Trainer(
-            make_stn(nnx.Rngs(jax.random.key(args.seed))),
-            *losses,
-            space=space,
-            inner_optimizer=optax.adam(1e-3),
-            outer_optimizer=optax.adam(3e-3),
-            inner_steps=5,
-        )
+
+        def make_trainer(sampler, make_stn=make_stn, space=space, losses=losses):
+            return stn.Trainer(
+                make_stn(nnx.Rngs(jax.random.key(args.seed))),
+                *losses,
+                space=space,
+                inner_optimizer=optax.adam(1e-3),
+                outer_optimizer=optax.adam(3e-3),
+                inner_steps=5,
+                sampler=sampler,
+            )
+
+        trainer = make_trainer(bilevel.minibatches)
         label = "full" if rank is None else f"rank {rank}"
         labels[label] = rank
         for part, run in _stn_programs(
@@ -222,15 +227,7 @@ def main(argv=None):
         ).items():
             programs[(label, part)] = run
         # the same trainer drawing its batches in epoch order (no per-cycle shuffle)
-        epoch_trainer = stn.Trainer(
-            make_stn(nnx.Rngs(jax.random.key(args.seed))),
-            *losses,
-            space=space,
-            inner_optimizer=optax.adam(1e-3),
-            outer_optimizer=optax.adam(3e-3),
-            inner_steps=5,
-            sampler=bilevel.epoch_minibatches,
-        )
+        epoch_trainer = make_trainer(bilevel.epoch_minibatches)
         epoch_fit = _stn_programs(epoch_trainer, (x, y), val, args.batch_size, cycles, args.seed)
         programs[(label, "fit_epoch")] = epoch_fit["fit"]
 
