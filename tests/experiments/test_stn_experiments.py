@@ -106,18 +106,28 @@ def test_bench_stn_smoke(tmp_path, capsys, bars):
     assert "ratio" in capsys.readouterr().out
     assert (tmp_path / "bench_stn.json").exists()
     assert (tmp_path / "bench_stn.png").stat().st_size > 0
-    (row,) = _summary(tmp_path, "bench_stn", 1)
+    row, epoch_row = _summary(tmp_path, "bench_stn", 2)
     assert row["target"] == "<= 2.2x" and f"{record['ratio']:.2f}x" in row["result"]
+    # the same trainer with sampler=bilevel.epoch_minibatches: its own program and row
+    (v,) = record["variants"].values()
+    assert "epoch order" in epoch_row["what"] and epoch_row["target"] == "<= 2.2x"
+    assert f"{v['epoch_order_ratio']:.2f}x" in epoch_row["result"]
+    assert v["sampling"] == pytest.approx(v["ratio"] - v["epoch_order_ratio"])
     _one_full_bar(bars, "bench_stn")
     # The breakdown adds up to the epoch (arithmetic of the medians, not a timed assert).
-    (v,) = record["variants"].values()
     parts = v["train_steps"] + v["hyper_steps"] + v["fit_host"]
     assert parts == pytest.approx(v["ratio"]) and v["train_steps"] > 0
     profile = {r["gradient of"]: r for r in record["layer_profile"]}
     assert set(profile) == {"plain network", "STN full, shared hnet", "STN full, per-example hnet"}
     assert profile["plain network"]["x_plain"] == 1.0
     assert all(r["ms"] > 0 for r in profile.values())
-    assert set(record["program_seconds"]) == {"full fit", "full scan", "full inner", "plain plain"}
+    assert set(record["program_seconds"]) == {
+        "full fit",
+        "full scan",
+        "full inner",
+        "full fit_epoch",
+        "plain plain",
+    }
 
 
 @pytest.mark.parametrize(
