@@ -124,12 +124,16 @@ class _StnBase(nnx.Module):
         # hypergradient to hnet), then cast to the computation dtype when there is one.
         wide = jnp.promote_types(jnp.result_type(hnet, self.hnet_kernel[...]), jnp.float32)
         (hnet, v_mat) = _promote_dtype((hnet, self.hnet_kernel[...]), dtype=wide)
-        uv = hnet @ v_mat
-        if dtype is not None:
-            uv = uv.astype(dtype)
+        cast = (lambda a: a) if dtype is None else (lambda a: a.astype(dtype))
         if self.use_bias:
-            return uv[..., : self.out_features], uv[..., self.out_features :]
-        return uv, None
+            # Two products against the column blocks of V, not one product sliced: the
+            # backward pass then concatenates the small (num_hparams, out) gradients of V
+            # instead of padding the (batch, out) gradients of u and v (a profile of the rank-8
+            # train step: about 0.4 ms of thread time per layer and step in those pads; the
+            # epoch's wall time moved by less than run-to-run noise).
+            out = self.out_features
+            return cast(hnet @ v_mat[:, :out]), cast(hnet @ v_mat[:, out:])
+        return cast(hnet @ v_mat), None
 
     def _compute_dtype(self, x, *params) -> Any:
         """The computation dtype: ``dtype``, else the promoted dtype of ``x`` and the weights
