@@ -188,20 +188,13 @@ class Population:
           A :class:`PopulationState`.
         """
         key = _typed(key)
-        if hparams is None:
-            u0 = hp.init(self.opt.space)
+        u0 = _start(self.opt.space, hparams)
+        if self.explore:
+            e0 = _start(self.explore, explore)
+        elif explore:
+            raise ValueError("explore= values need a Population built with explore= specs")
         else:
-            hp.constrain(self.opt.space, hparams)  # structure and shape check, names the entry
-            u0 = jax.tree.map(jnp.asarray, hparams)
-        if not self.explore:
-            if explore:
-                raise ValueError("explore= values need a Population built with explore= specs")
             e0 = {}
-        elif explore is None:
-            e0 = hp.init(self.explore)
-        else:
-            hp.constrain(self.explore, explore)  # structure and shape check, names the entry
-            e0 = jax.tree.map(jnp.asarray, explore)
         k_spread, k_next = jax.random.split(jax.random.fold_in(key, 1))
         noise = _normal_like(k_spread, (u0, e0), self.size)
         spread = self.spread if spread is None else checks.number("spread", spread, low=0.0)
@@ -371,6 +364,14 @@ class Population:
             return state, score, schedule, records, losses
 
         return run
+
+
+def _start(space, values) -> PyTree:
+    """Unconstrained start values: the space's initial values, or ``values`` checked against it."""
+    if values is None:
+        return hp.init(space)
+    hp.constrain(space, values)  # structure and shape check, names the entry
+    return jax.tree.map(jnp.asarray, values)
 
 
 def _check_explore(explore, opt) -> dict:
