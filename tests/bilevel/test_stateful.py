@@ -449,29 +449,27 @@ def test_every_method_matches_central_finite_differences_with_the_state_held(nam
         )
         # The one-shot hypergradient takes the state too and agrees (h = u for a real space):
         # from the same start through the same steps, or (Implicit) at the trained parameters.
+        # Jitted: one compile, not many small eager ones.
         if name == "implicit":
-            one_shot = bilevel.hypergradient(
-                inner,
-                outer,
-                after.params,
-                {"wd": jnp.asarray(u0)},
-                train,
-                val,
-                method=method,
-                model_state=after.model_state,
-            )
+            one_shot = jax.jit(
+                lambda p, h, s: bilevel.hypergradient(
+                    inner, outer, p, h, train, val, method=method, model_state=s
+                )
+            )(after.params, {"wd": jnp.asarray(u0)}, after.model_state)
         else:
-            one_shot = bilevel.hypergradient(
-                inner,
-                outer,
-                params,
-                {"wd": jnp.asarray(u0)},
-                batches,
-                val,
-                method=method,
-                inner_optimizer=optax.sgd(lr),
-                model_state=state0,
-            )
+            one_shot = jax.jit(
+                lambda p, h, s: bilevel.hypergradient(
+                    inner,
+                    outer,
+                    p,
+                    h,
+                    batches,
+                    val,
+                    method=method,
+                    inner_optimizer=optax.sgd(lr),
+                    model_state=s,
+                )
+            )(params, {"wd": jnp.asarray(u0)}, state0)
         np.testing.assert_allclose(one_shot["wd"], metrics["hypergrad"]["wd"], rtol=1e-9)
 
 

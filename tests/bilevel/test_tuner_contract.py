@@ -8,6 +8,7 @@ adds a case (``make``, ``init``, ``batches``, ``poison``) and passes the same te
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import chex
@@ -40,6 +41,13 @@ class Case:
     batches: Callable  # (tuner, state) -> (inner, outer)
     poison: Callable  # (inner batches) -> inner batches with one non-finite batch
     population: Callable  # (tuner) -> stacked unconstrained hparams for 3 members
+
+    @functools.cached_property
+    def shared(self):
+        """``(tuner, jax.jit(tuner.step))``, made once per case: each ``jax.jit`` of a fresh bound
+        method traces and compiles the step again, so the tests that need *a* tuner share one."""
+        tuner = self.make()
+        return tuner, jax.jit(tuner.step)
 
 
 def _bilevel_case(method) -> Case:
@@ -126,8 +134,8 @@ CASES = {
 }
 
 
-def _run(case, tuner, state, steps):
-    step = jax.jit(tuner.step)
+def _run(case, tuner, state, steps, step=None):
+    step = jax.jit(tuner.step) if step is None else step
     metrics = None
     for _ in range(steps):
         state, metrics = step(state, *case.batches(tuner, state))
@@ -146,12 +154,12 @@ def case(request):
 
 
 def test_resume_is_bit_identical(case, tmp_path):
-    tuner = case.make()
-    straight, _ = _run(case, tuner, case.init(tuner), 4)
-    half, _ = _run(case, tuner, case.init(tuner), 2)
+    tuner, step = case.shared
+    straight, _ = _run(case, tuner, case.init(tuner), 4, step)
+    half, _ = _run(case, tuner, case.init(tuner), 2, step)
     bilevel.save_checkpoint(tmp_path, half, int(half.step))
     restored, _ = bilevel.restore_checkpoint(tmp_path, like=case.init(tuner))
-    resumed, _ = _run(case, case.make(), restored, 2)
+    resumed, _ = _run(case, case.make(), restored, 2)  # a fresh tuner, its own jit
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
         if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
@@ -168,7 +176,7 @@ def test_no_retrace_on_the_second_jitted_call(case):
 
 
 def test_vmap_over_a_population_equals_a_loop(case):
-    tuner = case.make()
+    tuner, step = case.shared
     population = case.population(tuner)
     probe = case.init(tuner)
     batches = case.batches(tuner, probe)
@@ -176,7 +184,7 @@ def test_vmap_over_a_population_equals_a_loop(case):
     vstates, vmetrics = jax.jit(jax.vmap(tuner.step, in_axes=(0, None, None)))(states, *batches)
     for i in range(3):
         member = case.init(tuner, jax.tree.map(lambda a, i=i: a[i], population))
-        s, m = jax.jit(tuner.step)(member, *batches)
+        s, m = step(member, *batches)
         np.testing.assert_allclose(
             np.asarray(m["outer_loss"]), np.asarray(vmetrics["outer_loss"][i]), rtol=2e-5
         )
@@ -185,10 +193,10 @@ def test_vmap_over_a_population_equals_a_loop(case):
 
 
 def test_nonfinite_steps_are_skipped_and_counted_and_state_stays_finite(case):
-    tuner = case.make()
+    tuner, step = case.shared
     state = case.init(tuner)
     inner, outer = case.batches(tuner, state)
-    state, metrics = jax.jit(tuner.step)(state, case.poison(inner), outer)
+    state, metrics = step(state, case.poison(inner), outer)
     assert int(metrics["inner_skipped"]) == 1
     # Reverse mode through the skipped step (Unrolled) has no finite hypergradient: that outer
     # step is skipped too, and says so.
@@ -197,6 +205,6 @@ def test_nonfinite_steps_are_skipped_and_counted_and_state_stays_finite(case):
     _assert_finite(state)
     for name in ("inner_loss", "outer_loss", "hypergrad", "hypergrad_norm", "hparams", "status"):
         assert name in metrics, name
-    state, metrics = _run(case, tuner, state, 3)
+    state, metrics = _run(case, tuner, state, 3, step)
     assert int(metrics["inner_skipped"]) == 1
     _assert_finite(state)

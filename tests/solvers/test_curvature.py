@@ -65,13 +65,14 @@ def test_gauss_newton_matvec_equals_dense_jt_h_j():
         batch = _data(jax.random.key(1))
         h = jnp.asarray(0.01)
         gn = solvers.GaussNewton(_mlp, _xent, _decay)
-        G = _dense(gn.matvec(params, h, batch), params)
+        # Jitted: one compile each, not hundreds of eager operations.
+        G = jax.jit(lambda p: _dense(gn.matvec(p, h, batch), p))(params)
         flat, unravel = jax.flatten_util.ravel_pytree(params)
         out = lambda f: _mlp(unravel(f), h, batch).reshape(-1)
-        J = jax.jacfwd(out)(flat)
+        J = jax.jit(jax.jacfwd(out))(flat)
         logits = out(flat)
-        H_out = jax.hessian(lambda o: _xent(o.reshape(-1, 3), h, batch))(logits)
-        H_reg = jax.hessian(lambda f: _decay(unravel(f), h, batch))(flat)
+        H_out = jax.jit(jax.hessian(lambda o: _xent(o.reshape(-1, 3), h, batch)))(logits)
+        H_reg = jax.jit(jax.hessian(lambda f: _decay(unravel(f), h, batch)))(flat)
         np.testing.assert_allclose(G, J.T @ H_out @ J + H_reg, atol=1e-12)
         np.testing.assert_allclose(
             gn.loss(params, h, batch),
@@ -88,11 +89,13 @@ def test_gauss_newton_is_psd_where_the_hessian_is_not():
         gn = solvers.GaussNewton(_mlp, _xent)
         hess = jax.hessian(lambda p: gn.loss(p, h, batch))
         flat, unravel = jax.flatten_util.ravel_pytree(params)
-        H = jax.hessian(lambda f: gn.loss(unravel(f), h, batch))(flat)
+        H = jax.jit(jax.hessian(lambda f: gn.loss(unravel(f), h, batch)))(flat)
         del hess
         mv = gn.matvec(params, h, batch)
+        # v^T G v, jitted: one compile (batched) for the random directions, one for e below.
+        vgv = jax.jit(lambda v: v @ jax.flatten_util.ravel_pytree(mv(unravel(v)))[0])
         vs = jax.random.normal(jax.random.key(4), (200, flat.size), jnp.float64)
-        vGv = jax.vmap(lambda v: v @ jax.flatten_util.ravel_pytree(mv(unravel(v)))[0])(vs)
+        vGv = jax.vmap(vgv)(vs)
         # Directions of negative Hessian curvature exist (the eigenvector of the smallest
         # eigenvalue, and some of the random ones) ...
         evals, evecs = jnp.linalg.eigh(H)
@@ -103,8 +106,14 @@ def test_gauss_newton_is_psd_where_the_hessian_is_not():
         assert jnp.min(vHv) < 0
         # ... but never of Gauss-Newton curvature, not even along that eigenvector.
         e = evecs[:, 0]
-        eGe = e @ jax.flatten_util.ravel_pytree(mv(unravel(e)))[0]
+        eGe = vgv(e)
         assert jnp.min(vGv) >= -1e-12 and eGe >= -1e-12
+
+
+def _hypergradient(inner, outer, params, h, *batches, **kw):
+    """``bilevel.hypergradient``, jitted: one compile, not many small eager ones."""
+    fn = lambda p, hh, *b: bilevel.hypergradient(inner, outer, p, hh, *b, **kw)
+    return jax.jit(fn)(params, h, *batches)
 
 
 def _linear(params, h, batch):
@@ -127,16 +136,16 @@ def test_gauss_newton_equals_hessian_for_a_linear_model(loss):
         outer = lambda p, h, b: _xent(_linear(p, h, b), h, b)
         w0 = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
         h = {"wd": jnp.asarray(0.05)}
-        w = solvers.argmin(
+        w = jax.jit(lambda w0: solvers.argmin(
             lambda p: inner(p, h, (X, y)), w0, optimizer=optax.lbfgs(), steps=200, tol=1e-12,
             adjoint=solvers.Unrolled(),
-        )  # fmt: skip
+        ))(w0)  # fmt: skip
         solver = solvers.cg(tol=1e-13, maxiter=200)
         kw = dict(inner_batch=(X, y), outer_batch=(Xv, yv))
-        g_h = bilevel.hypergradient(
+        g_h = _hypergradient(
             inner, outer, w, h, method=solvers.Implicit(linear_solver=solver), **kw
         )
-        g_gn = bilevel.hypergradient(
+        g_gn = _hypergradient(
             inner, outer, w, h, method=solvers.Implicit(linear_solver=solver, curvature=gn), **kw
         )
         np.testing.assert_allclose(g_gn["wd"], g_h["wd"], rtol=1e-10)
@@ -153,10 +162,10 @@ def test_gauss_newton_differs_from_hessian_on_an_mlp():
         outer = lambda p, h, b: _xent(_mlp(p, h, b), h, b)
         solver = solvers.cg(tol=1e-10, ridge=1e-3, maxiter=500)
         kw = dict(inner_batch=batch, outer_batch=val)
-        g_h = bilevel.hypergradient(
+        g_h = _hypergradient(
             gn.loss, outer, params, h, method=solvers.Implicit(linear_solver=solver), **kw
         )
-        g_gn = bilevel.hypergradient(
+        g_gn = _hypergradient(
             gn.loss,
             outer,
             params,
@@ -190,7 +199,8 @@ def test_gauss_newton_in_argmin_matches_hessian_for_linear_least_squares():
             return jnp.mean((Xv @ w["w"] + w["b"] - jax.nn.one_hot(yv, 3)) ** 2)
 
         lam = jnp.asarray(0.1)
-        np.testing.assert_allclose(jax.grad(hyper)(lam, gn), jax.grad(hyper)(lam, None), rtol=1e-9)
+        grad = jax.jit(jax.grad(hyper), static_argnums=1)  # a compile each, not many eager ones
+        np.testing.assert_allclose(grad(lam, gn), grad(lam, None), rtol=1e-9)
 
 
 def test_gauss_newton_validation():
@@ -321,7 +331,7 @@ def test_gauss_newton_with_batchnorm_state():
         return _xent(out, h, b), new_s
 
     m = solvers.Implicit(linear_solver=solvers.cg(ridge=1e-2, maxiter=300, tol=1e-4), curvature=gn)
-    g, info = bilevel.hypergradient(
+    g, info = _hypergradient(
         inner,
         outer,
         params,

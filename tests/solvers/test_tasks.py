@@ -152,13 +152,18 @@ def test_vmap_over_tasks_equals_a_loop(name):
         phis = jax.vmap(adapt, in_axes=(None, 0, 0))(theta, xs, ys)
         return jnp.mean(jax.vmap(task_loss)(phis, xq, yq)), phis
 
-    def looped(theta, xs, ys, xq, yq):
-        phis = [adapt(theta, xs[i], ys[i]) for i in range(N_TASKS)]
-        losses = [task_loss(p, xq[i], yq[i]) for i, p in enumerate(phis)]
-        return jnp.mean(jnp.stack(losses)), jax.tree.map(lambda *a: jnp.stack(a), *phis)
+    def one_task(theta, x, y, xq, yq):
+        phi = adapt(theta, x, y)
+        return task_loss(phi, xq, yq), phi
 
     (loss, phis), g_vmap = jit(jax.value_and_grad(batched, has_aux=True))(theta, *data)
-    (loss_loop, phis_loop), g_loop = jit(jax.value_and_grad(looped, has_aux=True))(theta, *data)
+    # The loop: one task at a time through the same compiled program (a Python loop inside one
+    # jit would compile eight copies of the solver), then the mean over the tasks.
+    one = jit(jax.value_and_grad(one_task, has_aux=True))
+    looped = [one(theta, *(a[i] for a in data)) for i in range(N_TASKS)]
+    loss_loop = jnp.mean(jnp.stack([loss_i for (loss_i, _), _ in looped]))
+    phis_loop = jax.tree.map(lambda *a: jnp.stack(a), *[phi for (_, phi), _ in looped])
+    g_loop = jax.tree.map(lambda *a: jnp.mean(jnp.stack(a), 0), *[g for _, g in looped])
     assert jax.tree.leaves(phis)[0].shape[0] == N_TASKS
     _close(phis, phis_loop, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(loss, loss_loop, rtol=1e-6)
@@ -181,13 +186,17 @@ def test_unrolled_differentiates_the_starting_point():
             f, w0, 1.0, optimizer=optax.sgd(lr), steps=steps, adjoint=adjoint
         ).sum()
 
+    def both(adjoint):  # one compiled program per adjoint, not a dozen small eager ones
+        return jax.jit(lambda w0: (jax.grad(run(adjoint))(w0), jax.jacfwd(run(adjoint))(w0)))
+
     w0 = jnp.zeros(2)
     want = np.full(2, (1 - 2 * lr) ** steps)
     for adjoint in (solvers.Unrolled(), solvers.Unrolled(checkpoint_every=2), solvers.Forward()):
-        np.testing.assert_allclose(jax.grad(run(adjoint))(w0), want, rtol=1e-6)
-        np.testing.assert_allclose(jax.jacfwd(run(adjoint))(w0), want, rtol=1e-6)
+        rev, fwd = both(adjoint)(w0)
+        np.testing.assert_allclose(rev, want, rtol=1e-6)
+        np.testing.assert_allclose(fwd, want, rtol=1e-6)
     for adjoint in (solvers.Truncated(steps=2), solvers.Truncated(steps=3), solvers.Implicit()):
-        np.testing.assert_array_equal(jax.grad(run(adjoint))(w0), np.zeros(2))
+        np.testing.assert_array_equal(jax.jit(jax.grad(run(adjoint)))(w0), np.zeros(2))
 
 
 def test_vmap_with_per_task_initialization_and_forward_mode():
@@ -261,11 +270,17 @@ def test_implicit_meta_gradient_is_the_imaml_formula():
         xs, ys, xq, yq = make_tasks(seed=4, n_tasks=3, dtype=np.float64)
         grad = ravel_pytree(jit(jax.grad(meta_loss_vmap(_implicit)))(theta, xs, ys, xq, yq))[0]
         phis = jit(jax.vmap(_implicit, in_axes=(None, 0, 0)))(theta, xs, ys)
+        unravel = ravel_pytree(theta)[1]
+
+        @jit  # once for the three tasks
+        def hess_and_query_grad(phi, x, y, xq, yq):
+            hess = jax.hessian(lambda v: task_loss(unravel(v), x, y))(phi)
+            return hess, jax.grad(lambda v: task_loss(unravel(v), xq, yq))(phi)
+
         want = []
         for i in range(3):
-            phi, unravel = ravel_pytree(jax.tree.map(lambda a, i=i: a[i], phis))
-            hess = jax.hessian(lambda v, i=i, u=unravel: task_loss(u(v), xs[i], ys[i]))(phi)
-            g_query = jax.grad(lambda v, i=i, u=unravel: task_loss(u(v), xq[i], yq[i]))(phi)
+            phi = ravel_pytree(jax.tree.map(lambda a, i=i: a[i], phis))[0]
+            hess, g_query = hess_and_query_grad(phi, xs[i], ys[i], xq[i], yq[i])
             want.append(np.linalg.solve(np.eye(phi.size) + np.asarray(hess) / LAM, g_query))
         np.testing.assert_allclose(grad, np.mean(want, axis=0), rtol=1e-8, atol=1e-12)
 
