@@ -229,6 +229,8 @@ def run(args, methods, bar) -> list[dict]:
     for kind in args.models_list:
         prob = Problem(kind, args, split)
         advance = jax.jit(prob.advance)
+        # --smoke: the reference as one program (op by op, each of its operations compiles)
+        reference = jax.jit(prob.reference, static_argnums=0) if args.smoke else prob.reference
         implicit = {
             m: jax.jit(lambda p, s, m=m, prob=prob: prob.implicit(m, p, s)) for m in methods
         }
@@ -236,7 +238,7 @@ def run(args, methods, bar) -> list[dict]:
         for steps in args.steps_list:
             p, s = advance(p, s, steps - done)
             done = steps
-            ref = np.asarray(prob.reference(steps)["log_wd"])
+            ref = np.asarray(reference(steps)["log_wd"])
             bar.update(1)
             loss = float(prob.train_loss(p, s))
             for m in methods:

@@ -414,9 +414,10 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     if args.smoke:
-        args.outer_steps, args.inner_steps, args.eval_every, args.hidden = 9, 4, 3, 32
+        args.outer_steps, args.inner_steps, args.eval_every, args.hidden = 6, 4, 3, 32
         args.patience = min(args.patience, 2)
         args.truncate = min(args.truncate, 2)
+        args.cg_maxiter = min(args.cg_maxiter, 5)  # full-batch CG iterations: most of the run
         if args.soba_scale is None:
             args.soba_scale = 0.05  # skip the power iteration's compilation
     if args.models is None:

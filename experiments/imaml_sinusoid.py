@@ -362,8 +362,9 @@ def main(argv=None):
     methods = _common.parse_choices(parser, args.methods, METHODS, "method")
     if not {"imaml", "maml"} <= set(methods):
         parser.error("--methods must include imaml and maml (the memory comparison)")
-    if args.smoke:
-        args.meta_iters, args.chunk, args.test_tasks, args.test_query = 20, 10, 50, 20
+    if args.smoke:  # one training chunk per method, a small meta-batch
+        args.meta_iters, args.chunk, args.test_tasks, args.test_query = 10, 10, 20, 20
+        args.meta_batch = min(args.meta_batch, 4)
         args.memory_steps = "5,40"
     args.chunk = max(1, min(args.chunk, args.meta_iters))
     args.meta_iters = args.chunk * max(1, round(args.meta_iters / args.chunk))

