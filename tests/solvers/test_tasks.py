@@ -307,5 +307,5 @@ def test_meta_gradient_does_not_retrace_across_calls():
 
 def test_the_docs_example_runs():
     """The runnable example of ``docs/tasks.md`` (between its snippet markers) prints a result."""
-    out = run_example("tasks.md", "tasks", max_lines=29)
+    out = run_example("tasks.md", "tasks", max_lines=29, xla_defaults=False)
     assert "nan" not in out.lower(), out
