@@ -114,19 +114,31 @@ def _xent(p, x, y):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y))
 
 
+def _trainer(tx, loss, steps, dim=64):
+    """Full-batch training from zero as one jitted program of the data: ``run(*data)`` returns
+    (final loss, learning rate per step) of ``loss(params, *data)``."""
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+    @jax.jit
+    def run(*data):
+        params = {"w": jnp.zeros((dim, 10), dtype), "b": jnp.zeros(10, dtype)}
+
+        def step(carry, _):
+            p, s = carry
+            updates, s = tx.update(jax.grad(loss)(p, *data), s, p)
+            lr = optax.tree_utils.tree_get(s, "learning_rate", jnp.zeros((), dtype))
+            return (optax.apply_updates(p, updates), s), lr
+
+        (p, _), lrs = jax.lax.scan(step, (params, tx.init(params)), length=steps)
+        return loss(p, *data), lrs
+
+    return run
+
+
 def _train(tx, loss, steps, dim=64):
     """Full-batch training from zero; returns (final loss, learning rates per step)."""
-    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-    params = {"w": jnp.zeros((dim, 10), dtype), "b": jnp.zeros(10, dtype)}
-
-    def step(carry, _):
-        p, s = carry
-        updates, s = tx.update(jax.grad(loss)(p), s, p)
-        lr = optax.tree_utils.tree_get(s, "learning_rate", jnp.zeros((), dtype))
-        return (optax.apply_updates(p, updates), s), lr
-
-    (p, _), lrs = jax.jit(lambda c: jax.lax.scan(step, c, length=steps))((params, tx.init(params)))
-    return float(loss(p)), np.asarray(lrs)
+    final, lrs = _trainer(tx, loss, steps, dim)()
+    return float(final), np.asarray(lrs)
 
 
 @pytest.fixture(scope="module")
@@ -149,21 +161,9 @@ def digits_runs():
     data = {pixels: _digits(pixels) for pixels in (False, True)}
     out = {pixels: {} for pixels in data}
     for name, tx in runs.items():
-
-        @jax.jit
-        def final_loss(x, y, tx=tx):
-            params = {"w": jnp.zeros((x.shape[1], 10), x.dtype), "b": jnp.zeros(10, x.dtype)}
-
-            def step(carry, _):
-                p, s = carry
-                updates, s = tx.update(jax.grad(_xent)(p, x, y), s, p)
-                return (optax.apply_updates(p, updates), s), None
-
-            (p, _), _ = jax.lax.scan(step, (params, tx.init(params)), length=300)
-            return _xent(p, x, y)
-
+        run = _trainer(tx, _xent, 300)
         for pixels, (x, y) in data.items():
-            out[pixels][name] = float(final_loss(x, y))
+            out[pixels][name] = float(run(x, y)[0])
     return out
 
 

@@ -61,3 +61,9 @@ def logistic_val(w, Xv, yv):
 def rel_err(a, b):
     a, b = np.asarray(a), np.asarray(b)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def both_modes(f):
+    """``jax.grad(f)`` and ``jax.jacfwd(f)`` as one jitted program (one compile, not many eager
+    ones)."""
+    return jax.jit(lambda *args: (jax.grad(f)(*args), jax.jacfwd(f)(*args)))

@@ -6,6 +6,7 @@ import pytest
 
 import solvers
 from tests.solvers.problems import (
+    both_modes,
     logistic_data,
     logistic_inner,
     logistic_val,
@@ -50,12 +51,6 @@ ADJOINTS = {
 }
 
 
-def _both_modes(f):
-    """``jax.grad(f)`` and ``jax.jacfwd(f)`` as one jitted program (one compile, not many eager
-    ones)."""
-    return jax.jit(lambda *args: (jax.grad(f)(*args), jax.jacfwd(f)(*args)))
-
-
 @pytest.mark.parametrize("name", sorted(ADJOINTS))
 @pytest.mark.parametrize("per_feature", [False, True])
 def test_ridge_hypergradient_against_closed_form(name, per_feature):
@@ -65,7 +60,7 @@ def test_ridge_hypergradient_against_closed_form(name, per_feature):
         h = jnp.linspace(-2.0, 0.5, X.shape[1]) if per_feature else jnp.asarray(-1.0)
         outer = ridge_outer(adjoint)
         expected = ridge_hypergrad(h, X, y, Xv, yv)
-        rev, fwd = _both_modes(outer)(h, X, y, Xv, yv)
+        rev, fwd = both_modes(outer)(h, X, y, Xv, yv)
         assert rel_err(rev, expected) <= tol
         assert rel_err(fwd, expected) <= tol
 
@@ -97,7 +92,7 @@ def test_truncated_against_explicit_unroll(k):
     with jax.enable_x64(True):
         X, y, Xv, yv = ridge_data()
         h = jnp.linspace(-2.0, 0.5, X.shape[1])
-        got, fwd = _both_modes(ridge_outer(solvers.Truncated(steps=k), steps=40))(h, X, y, Xv, yv)
+        got, fwd = both_modes(ridge_outer(solvers.Truncated(steps=k), steps=40))(h, X, y, Xv, yv)
         want = jax.grad(unrolled_reference)(h, X, y, Xv, yv, 40, k)
         assert rel_err(got, want) <= 1e-10
         assert rel_err(fwd, want) <= 1e-10
@@ -157,7 +152,7 @@ def test_vmap_over_hyperparameters_equals_loop():
             np.testing.assert_allclose(batched, looped, rtol=1e-9, atol=1e-12)
 
 
-def test_lbfgs_with_implicit_in_both_modes():
+def test_lbfgs_with_implicit_inboth_modes():
     with jax.enable_x64(True):
         X, y, Xv, yv = ridge_data()
         h = jnp.linspace(-2.0, 0.5, X.shape[1])
@@ -168,7 +163,7 @@ def test_lbfgs_with_implicit_in_both_modes():
             tol=1e-10,
         )
         expected = ridge_hypergrad(h, X, y, Xv, yv)
-        rev, fwd = _both_modes(outer)(h, X, y, Xv, yv)
+        rev, fwd = both_modes(outer)(h, X, y, Xv, yv)
         assert rel_err(rev, expected) <= 1e-6
         assert rel_err(fwd, expected) <= 1e-6
 

@@ -24,6 +24,7 @@ from jax.flatten_util import ravel_pytree
 
 import solvers
 from tests._docs_examples import run_example
+from tests.solvers.problems import both_modes
 
 ROOT = Path(__file__).resolve().parents[2]
 # XLA's fast-compile options on CPU (programs compile several times faster, run slower; the
@@ -186,13 +187,10 @@ def test_unrolled_differentiates_the_starting_point():
             f, w0, 1.0, optimizer=optax.sgd(lr), steps=steps, adjoint=adjoint
         ).sum()
 
-    def both(adjoint):  # one compiled program per adjoint, not a dozen small eager ones
-        return jax.jit(lambda w0: (jax.grad(run(adjoint))(w0), jax.jacfwd(run(adjoint))(w0)))
-
     w0 = jnp.zeros(2)
     want = np.full(2, (1 - 2 * lr) ** steps)
     for adjoint in (solvers.Unrolled(), solvers.Unrolled(checkpoint_every=2), solvers.Forward()):
-        rev, fwd = both(adjoint)(w0)
+        rev, fwd = both_modes(run(adjoint))(w0)
         np.testing.assert_allclose(rev, want, rtol=1e-6)
         np.testing.assert_allclose(fwd, want, rtol=1e-6)
     for adjoint in (solvers.Truncated(steps=2), solvers.Truncated(steps=3), solvers.Implicit()):
